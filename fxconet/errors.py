@@ -1,0 +1,54 @@
+"""Exceptions raised by fxconet.
+
+Every exception derives from :class:`FxconetError` and from the built-in exception a user would
+expect to catch (``ValueError`` for bad arguments, ``RuntimeError`` for things that went wrong
+while running a model), so ``except ValueError`` keeps working in user code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChannelError",
+    "DataError",
+    "FxconetError",
+    "ShapeError",
+    "TraceError",
+    "UnsupportedOpError",
+    "VerificationError",
+]
+
+
+class FxconetError(Exception):
+    """Base class of every error raised by fxconet."""
+
+
+class TraceError(FxconetError, RuntimeError):
+    """The model could not be traced by ``torch.fx``.
+
+    The message names the module path being traced, the reason, and how to work around it
+    (``leaf_modules=`` to keep a module opaque, ``concrete_args=`` to fix a control-flow input).
+    """
+
+
+class ShapeError(FxconetError, RuntimeError):
+    """Shape propagation failed at a node (the example inputs do not fit the model)."""
+
+
+class ChannelError(FxconetError, ValueError):
+    """A requested width is invalid: frozen group, unknown id, width < 1 or not a multiple of the
+    group's divisor."""
+
+
+class UnsupportedOpError(FxconetError, TypeError):
+    """A channel rule given to :func:`fxconet.register_op` is malformed."""
+
+
+class VerificationError(FxconetError, RuntimeError):
+    """A rewritten graph does not compute the shapes the channel analysis predicted.
+
+    fxconet raises this instead of returning a graph that runs but computes wrong shapes.
+    """
+
+
+class DataError(FxconetError, ValueError):
+    """A dataset name, folder or file is missing or malformed."""

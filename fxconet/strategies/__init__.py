@@ -1,0 +1,1 @@
+"""Width-choosing strategies: static and uniform scaling, CONet, APS."""

@@ -1,0 +1,1 @@
+"""The torch.fx passes of fxconet (installed as ``fxconet.passes``)."""
