@@ -11,6 +11,7 @@ __all__ = [
     "ChannelError",
     "DataError",
     "FxconetError",
+    "ModelError",
     "ShapeError",
     "TraceError",
     "UnsupportedOpError",
@@ -52,3 +53,7 @@ class VerificationError(FxconetError, RuntimeError):
 
 class DataError(FxconetError, ValueError):
     """A dataset name, folder or file is missing or malformed."""
+
+
+class ModelError(FxconetError, ValueError):
+    """A model name or ``module:callable`` spec cannot be built; the message lists close matches."""
