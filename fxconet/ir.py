@@ -140,7 +140,9 @@ class ChannelGraph:
 
     def __post_init__(self) -> None:
         for i, g in enumerate(self.groups):
-            _require(g.id == i, "ChannelGraph", "groups", g.id, f"group ids must be 0..n-1 (at {i})")
+            _require(
+                g.id == i, "ChannelGraph", "groups", g.id, f"group ids must be 0..n-1 (at {i})"
+            )
 
     def __iter__(self) -> Iterator[ChannelGroup]:
         return iter(self.groups)
@@ -240,8 +242,7 @@ class ChannelGraph:
 
     def __repr__(self) -> str:
         return (
-            f"ChannelGraph({self.model_name!r}, groups={len(self.groups)}, "
-            f"free={len(self.free)})"
+            f"ChannelGraph({self.model_name!r}, groups={len(self.groups)}, free={len(self.free)})"
         )
 
 
@@ -279,7 +280,9 @@ def check_widths(graph: ChannelGraph, widths: Mapping[int, int]) -> dict[int, in
                 raise ChannelError(f"{where}: width must be an integer, got {width!r}")
             width = as_int
         if g.frozen and width != g.size:
-            raise ChannelError(f"{where} is frozen ({g.reason}); it must stay {g.size}, got {width}")
+            raise ChannelError(
+                f"{where} is frozen ({g.reason}); it must stay {g.size}, got {width}"
+            )
         if width < 1:
             raise ChannelError(f"{where}: width must be >= 1, got {width}")
         if width % g.divisor:

@@ -1,0 +1,150 @@
+"""The public entry points: thin wrappers that run the passes in order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxconet.errors import ChannelError
+from fxconet.ir import ChannelGraph
+from fxconet.passes.label_edges import label_edges
+from fxconet.passes.probe import probe_channels
+from fxconet.passes.resize_layers import ResizePlan, resize_layers
+from fxconet.passes.solve_channels import solve_channels
+from fxconet.passes.trace import normalize_inputs, propagate_shapes, trace_model
+
+__all__ = ["analyze", "kept_channels", "resize"]
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, tuple | list):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+def analyze(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+    freeze: Iterable[type | str] = (),
+    probe: bool | str = "auto",
+) -> ChannelGraph:
+    """Find the independent channel groups of ``model``.
+
+    Traces a structural copy of the model (the model itself is never modified), propagates
+    shapes on the ``meta`` device (no real compute), labels every op conv / non-conv and solves
+    the channel constraints.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.fx`` can trace.
+        example_inputs: a tensor, a tuple of inputs, or a dict of keyword inputs (only their
+            shapes and dtypes are used).
+        leaf_modules: module types or paths to keep opaque while tracing (their channels are
+            frozen unless a rule is registered with :func:`fxconet.register_op`).
+        concrete_args: passed to ``torch.fx`` to fix control-flow inputs.
+        freeze: module paths or types whose input and output widths must not change.
+        probe: confirm dynamic reshapes with a perturbed resize on ``meta`` tensors: ``"auto"``
+            (when the graph computes sizes at run time), True or False.
+
+    Returns:
+        The :class:`~fxconet.ir.ChannelGraph`; ``print`` it for a table of groups.
+
+    Raises:
+        TraceError: the model cannot be traced (names the module path and the fix).
+        ShapeError: the example inputs do not fit the model (names the node).
+
+    Example:
+        >>> graph = fxconet.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+        >>> [g.size for g in graph.free][:3]
+        [64, 64, 64]
+    """
+    traced = trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    args, kwargs = normalize_inputs(example_inputs)
+    propagate_shapes(traced, args, kwargs)
+    graph, solution = solve_channels(traced, freeze=tuple(freeze), name=type(model).__name__)
+    solution.example_args = _to_meta(args)
+    solution.example_kwargs = _to_meta(kwargs)
+    label_edges(solution)
+    if probe is True or (probe == "auto" and solution.needs_probe):
+        graph = probe_channels(graph)
+    return graph
+
+
+def resize(
+    model: nn.Module | ChannelGraph,
+    widths: Mapping[int, int],
+    example_inputs: Any = None,
+    *,
+    init: str = "inherit",
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+    freeze: Iterable[type | str] = (),
+) -> torch.fx.GraphModule:
+    """Re-emit ``model`` with new channel widths, as a runnable ``torch.fx.GraphModule``.
+
+    Every layer a changed group touches is resized consistently (convs of any kind, linears,
+    norms with their running statistics, biases, flatten -> linear, literal sizes in
+    ``view``/``reshape``/``split``). The result shares no tensor with ``model`` and is verified
+    on ``meta`` tensors before it is returned.
+
+    Args:
+        model: the model, or the :class:`~fxconet.ir.ChannelGraph` from :func:`analyze`.
+        widths: group id -> new width, for any subset of the free groups (the others keep
+            their size). Ids are those of ``analyze(model, ...)`` with the same options.
+        example_inputs: required when ``model`` is a module.
+        init: ``"inherit"`` (keep the largest-norm channels; new channels preserve the
+            function, see :mod:`fxconet.passes.resize_layers`) or ``"reset"`` (fresh default
+            initialisation of every layer).
+        leaf_modules, concrete_args, freeze: as for :func:`analyze`.
+
+    Returns:
+        The resized GraphModule. ``gm.meta["fxconet"]`` holds the
+        :class:`~fxconet.passes.resize_layers.ResizePlan` with the kept channel indices
+        (see :func:`kept_channels`).
+
+    Raises:
+        ChannelError: a width for an unknown, frozen group, below 1 or not a multiple of the
+            group's divisor (the message names the group and its layers).
+
+    Example:
+        >>> gm = fxconet.resize(torchvision.models.resnet18(), {1: 32}, torch.randn(1, 3, 64, 64))
+        >>> gm.layer1[0].conv1.out_channels
+        32
+    """
+    if isinstance(model, ChannelGraph):
+        graph = model
+    else:
+        if example_inputs is None:
+            raise ChannelError("resize(model, widths, example_inputs): example_inputs is required")
+        graph = analyze(
+            model,
+            example_inputs,
+            leaf_modules=leaf_modules,
+            concrete_args=concrete_args,
+            freeze=freeze,
+        )
+    gm, _ = resize_layers(graph, widths, init=init)
+    return gm
+
+
+def kept_channels(gm: torch.fx.GraphModule) -> dict[int, torch.Tensor]:
+    """For each group of a resized GraphModule, the original channel index of every new
+    channel (``-1`` for channels added by growing).
+
+    Example:
+        >>> gm = fxconet.resize(model, {1: 32}, x)
+        >>> fxconet.kept_channels(gm)[1]   # 32 original indices
+    """
+    plan = gm.meta.get("fxconet") if hasattr(gm, "meta") else None
+    if not isinstance(plan, ResizePlan):
+        raise ValueError("this GraphModule was not produced by fxconet.resize")
+    return dict(plan.index)

@@ -1,0 +1,204 @@
+"""Numerical checks that a model's rewrite is correct (use them on your own models).
+
+* :func:`check_identity`: resizing to the current widths gives the same outputs.
+* :func:`check_random_resize`: resizing every free group to a random valid width runs and keeps
+  the output shape.
+* :func:`check_zero_removal`: zeroing some channels of the free groups (in every layer of the
+  group) and shrinking by exactly those channels leaves the outputs unchanged.
+
+Example:
+    >>> from fxconet import testing
+    >>> testing.check_all(torchvision.models.resnet18().eval(), torch.randn(2, 3, 64, 64))
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fxconet.api import analyze, resize
+from fxconet.ir import ChannelGraph
+from fxconet.passes.trace import normalize_inputs
+
+__all__ = [
+    "CheckResult",
+    "check_all",
+    "check_identity",
+    "check_random_resize",
+    "check_zero_removal",
+    "random_widths",
+]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Outcome of one check: ``ok``, the largest output difference and a short note."""
+
+    name: str
+    ok: bool
+    max_diff: float = 0.0
+    note: str = ""
+
+
+def _run(model: Any, example_inputs: Any) -> Any:
+    args, kwargs = normalize_inputs(example_inputs)
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flat(v)]
+    if isinstance(out, tuple | list):
+        return [t for v in out for t in _flat(v)]
+    return []
+
+
+def _max_diff(a: Any, b: Any, rtol: float = 1e-4) -> tuple[float, bool]:
+    """Largest absolute difference, and whether it is within ``rtol`` of the output scale."""
+    fa, fb = _flat(a), _flat(b)
+    if len(fa) != len(fb) or any(x.shape != y.shape for x, y in zip(fa, fb, strict=True)):
+        return float("inf"), False
+    pairs = [(x, y) for x, y in zip(fa, fb, strict=True) if x.numel()]
+    diff = max((float((x - y).abs().max()) for x, y in pairs), default=0.0)
+    scale = max((float(x.abs().max()) for x, _ in pairs), default=0.0)
+    return diff, diff <= rtol * scale + 1e-12
+
+
+def _double(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        return {k: _double(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_double(v) for v in value)
+    return value
+
+
+def random_widths(
+    graph: ChannelGraph, seed: int, *, low: float = 0.25, high: float = 2.0
+) -> dict[int, int]:
+    """A seeded random valid width for every free group, between ``low`` and ``high`` times its
+    size (in multiples of the group's divisor, at least one)."""
+    rng = np.random.default_rng(seed)
+    widths = {}
+    for g in graph.free:
+        k = g.size // g.divisor
+        lo, hi = max(1, int(k * low)), max(1, int(round(k * high)))
+        widths[g.id] = g.divisor * int(rng.integers(lo, hi + 1))
+    return widths
+
+
+def check_identity(model: nn.Module, example_inputs: Any, **analyze_kwargs: Any) -> CheckResult:
+    """Resizing every group to its current width must give the model's outputs."""
+    graph = analyze(model, example_inputs, **analyze_kwargs)
+    gm = resize(graph, graph.widths())
+    diff, ok = _max_diff(_run(model, example_inputs), _run(gm, example_inputs))
+    return CheckResult("identity", ok, diff)
+
+
+def check_random_resize(
+    model: nn.Module, example_inputs: Any, *, seed: int = 0, **analyze_kwargs: Any
+) -> CheckResult:
+    """A random resize of every free group runs and keeps the output shape."""
+    graph = analyze(model, example_inputs, **analyze_kwargs)
+    if not graph.free:
+        return CheckResult("random", True, note="no free group")
+    gm = resize(graph, random_widths(graph, seed))
+    ref, out = _flat(_run(model, example_inputs)), _flat(_run(gm, example_inputs))
+    ok = len(ref) == len(out) and all(a.shape == b.shape for a, b in zip(ref, out, strict=True))
+    finite = all(torch.isfinite(t).all() for t in out)
+    return CheckResult("random", ok and finite, note=f"{len(graph.free)} groups resized")
+
+
+def _zero(graph: ChannelGraph, gid: int, base: np.ndarray) -> None:
+    """Zero base channels ``base`` of group ``gid`` in every parameter dim that carries them."""
+    solution = graph.state
+    slots = solution.slots
+    leaf = solution.leaf_of[gid]
+    for rec in solution.params.values():
+        if not isinstance(rec.tensor, nn.Parameter):
+            continue  # buffers (running statistics) may keep their values
+        for d, layout in enumerate(rec.dims):
+            off = 0
+            positions: list[np.ndarray] = []
+            for o, v, i in slots.expand(layout):
+                n = slots.size[v]
+                if v == leaf:
+                    a = np.arange(o)[:, None, None] * (n * i)
+                    t = np.arange(i)[None, None, :]
+                    positions.append((off + a + base[None, :, None] * i + t).reshape(-1))
+                off += o * n * i
+            if positions:
+                idx = torch.from_numpy(np.concatenate(positions)).to(rec.tensor.device)
+                with torch.no_grad():
+                    rec.tensor.index_fill_(d, idx, 0.0)
+
+
+def check_zero_removal(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    seed: int = 0,
+    max_groups: int | None = None,
+    **analyze_kwargs: Any,
+) -> CheckResult:
+    """Zero random channels of the free groups and shrink by exactly those: outputs unchanged.
+
+    Channels are zeroed in every parameter of the group (producers, norms, consumers' input
+    weights), so any op between them is harmless. Groups whose ops take statistics across
+    channels (``exact=False``: LayerNorm, GroupNorm, softmax over channels) are skipped, as their
+    output legitimately depends on the number of channels. Works on a copy of ``model``.
+    """
+    # float64: batch statistics of tiny feature maps amplify rounding; in double it stays ~1e-12
+    work = copy.deepcopy(model).double()
+    example_inputs = _double(example_inputs)
+    # batch statistics keep activations at unit scale however many channels are zeroed; an
+    # all-zero channel still normalises to exactly zero (weight and bias are zeroed too)
+    for m in work.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+    graph = analyze(work, example_inputs, **analyze_kwargs)
+    solution = graph.state
+    rng = np.random.default_rng(seed)
+    eligible = [
+        g for g in graph.free if g.exact and solution.slots.size[solution.leaf_of[g.id]] >= 2
+    ]
+    if max_groups is not None and len(eligible) > max_groups:
+        pick = rng.choice(len(eligible), size=max_groups, replace=False)
+        eligible = [eligible[i] for i in sorted(pick)]
+    if not eligible:
+        return CheckResult("zero-removal", True, note="no exact free group")
+    widths = {}
+    for g in eligible:
+        n = solution.slots.size[solution.leaf_of[g.id]]
+        k = int(rng.integers(1, n // 2 + 1))
+        base = np.sort(rng.choice(n, size=k, replace=False))
+        _zero(graph, g.id, base)
+        widths[g.id] = (n - k) * solution.unit[g.id]
+    ref = _run(work, example_inputs)
+    gm = resize(graph, widths)
+    diff, ok = _max_diff(ref, _run(gm, example_inputs), rtol=1e-7)
+    scale = max((float(t.abs().max()) for t in _flat(ref) if t.numel()), default=0.0)
+    return CheckResult(
+        "zero-removal", ok, diff, note=f"{len(eligible)} groups shrunk, output scale {scale:.3g}"
+    )
+
+
+def check_all(
+    model: nn.Module, example_inputs: Any, *, seed: int = 0, **analyze_kwargs: Any
+) -> list[CheckResult]:
+    """The three checks, in order."""
+    return [
+        check_identity(model, example_inputs, **analyze_kwargs),
+        check_random_resize(model, example_inputs, seed=seed, **analyze_kwargs),
+        check_zero_removal(model, example_inputs, seed=seed, **analyze_kwargs),
+    ]

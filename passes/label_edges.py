@@ -1,0 +1,50 @@
+"""Labelling: the role of every op, conv (chooses a new width) or non-conv.
+
+The paper's DAG has feature maps as nodes and ops as edges; an edge is *conv* when the op creates
+a new channel space whose width is a choice (Conv, Linear, ConvTranspose, Embedding, and their
+functional forms), and *non-conv* otherwise (norms, activations, pooling, add, cat, depthwise
+convs, reshapes ...). Labels come from the op table's rules, applied during solving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from enum import Enum
+
+from fxconet.passes.solve_channels import Solution
+from fxconet.passes.trace import META_KEY, NodeInfo
+
+__all__ = ["EdgeKind", "label_edges"]
+
+
+class EdgeKind(str, Enum):
+    """Role of an op in the paper's DAG."""
+
+    CONV = "conv"
+    NON_CONV = "non-conv"
+
+
+def label_edges(solution: Solution) -> dict[tuple[str, str], EdgeKind]:
+    """Label each (producer, consumer) edge of tensors as CONV or NON_CONV.
+
+    Writes the kind into each node's :class:`NodeInfo` (``node.meta[META_KEY].kind``); does not
+    change the graph.
+
+    Example:
+        >>> graph = fxconet.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+        >>> kinds = label_edges(graph.state)
+        >>> kinds[("x", "conv1")]
+        <EdgeKind.CONV: 'conv'>
+    """
+    kinds: dict[tuple[str, str], EdgeKind] = {}
+    for node in solution.traced.graph.nodes:
+        info = node.meta.get(META_KEY)
+        kind = solution.kinds.get(node.name)
+        if isinstance(info, NodeInfo) and kind is not None:
+            node.meta[META_KEY] = dataclasses.replace(info, kind=kind)
+        if kind is None or solution.dims.get(node.name) is None:
+            continue
+        for inp in node.all_input_nodes:
+            if solution.dims.get(inp.name) is not None:
+                kinds[(inp.name, node.name)] = EdgeKind(kind)
+    return kinds

@@ -1,0 +1,107 @@
+"""The shape probe: confirm the analysis where a graph computes sizes at run time.
+
+When a graph reshapes with sizes computed from tensors (``x.view(n, c // g, ...)``), the rules
+predict how those sizes follow the widths but cannot prove it. The probe resizes every free group
+by a different amount on the ``meta`` device (no weights are touched) and checks every node's
+shape against the prediction. A node that disagrees has the groups it touches frozen, with the
+mismatch as the reason, and the probe repeats until the prediction holds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from fxconet.ir import ChannelGraph
+from fxconet.passes.resize_layers import build_resized, expected_shapes, plan_resize
+from fxconet.passes.solve_channels import Solution, build_graph
+from fxconet.passes.trace import META_KEY, Traced
+from fxconet.passes.verify import ShapeMismatch, verify_channels
+
+__all__ = ["probe_channels", "probe_widths"]
+
+
+def probe_widths(graph: ChannelGraph) -> dict[int, int]:
+    """A distinct perturbation of every free group's width (shrink if possible, else grow)."""
+    widths: dict[int, int] = {}
+    for k, g in enumerate(graph.free):
+        delta = g.divisor * (1 + k % 3)
+        widths[g.id] = g.size - delta if g.size - delta >= g.divisor else g.size + delta
+    return widths
+
+
+def probe_channels(graph: ChannelGraph, *, rounds: int = 6) -> ChannelGraph:
+    """Freeze the groups whose predicted shapes a perturbed resize contradicts.
+
+    Example:
+        >>> graph = probe_channels(graph)   # analyze() does this when shapes are dynamic
+    """
+    solution: Solution = graph.state
+    for attempt in range(rounds + 1):
+        if not graph.free:
+            return graph
+        plan = plan_resize(graph, probe_widths(graph), select="first")
+        new_graph, owners = build_resized(plan, meta=True)
+        traced = Traced(root=solution.traced.root, graph=new_graph, name=solution.traced.name)
+        try:
+            verify_channels(
+                traced,
+                (solution.example_args, solution.example_kwargs),
+                expected=expected_shapes(plan),
+                modules=owners,
+            )
+            return graph
+        except ShapeMismatch as e:
+            reason = f"shape probe: {e}"
+            if attempt == rounds:
+                _freeze_all(solution, reason)
+            else:
+                _freeze_around(solution, e.node_name, reason)
+            graph = build_graph(solution, graph.model_name)
+    return graph
+
+
+def _freeze_all(solution: Solution, reason: str) -> None:
+    for leaf in solution.leaf_of:
+        if solution.slots.reason[leaf] is None:
+            solution.slots.reason[leaf] = reason
+
+
+def _freeze_around(solution: Solution, node_name: str, reason: str) -> None:
+    """Freeze the node's layouts and those of every tensor it reads, including tensors whose
+    sizes reach it through Python-level size arithmetic."""
+    by_name = {n.name: n for n in solution.traced.graph.nodes}
+    node = by_name.get(node_name)
+    if node is None:
+        return
+    seen: set[str] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        _freeze_dims(solution, solution.dims.get(n.name), reason)
+        for inp in n.all_input_nodes:
+            value = inp.meta[META_KEY].value
+            if isinstance(value, torch.Tensor):
+                _freeze_dims(solution, solution.dims.get(inp.name), reason)
+            else:  # a size computed from other tensors: follow it back
+                stack.append(inp)
+
+
+def _freeze_dims(solution: Solution, dims: object, reason: str) -> None:
+    if dims is None:
+        return
+    if isinstance(dims, tuple) and (len(dims) == 0 or _is_layout(dims)):
+        solution.slots.freeze(dims, reason)  # type: ignore[arg-type]
+        return
+    if isinstance(dims, tuple):
+        for d in dims:
+            _freeze_dims(solution, d, reason)
+
+
+def _is_layout(x: object) -> bool:
+    return isinstance(x, tuple) and all(
+        isinstance(b, tuple) and len(b) == 3 and isinstance(b[0], int) for b in x
+    )

@@ -1,0 +1,493 @@
+"""Back end: choose kept channels for new widths and re-emit a resized GraphModule.
+
+Weight inheritance (``init="inherit"``):
+
+* **shrink**: a group keeps the channels with the largest L2 norm of its producers' weights,
+  summed over every producer of the group (and over every repetition of a channel, e.g. the
+  ``groups`` copies of a grouped conv's input). Ties go to the lower index. Kept channels stay in
+  their original order.
+* **grow**: every old channel is kept; new channels come after the old ones of the group. New
+  output channels of a layer get the layer's default initialisation (``reset_parameters``); new
+  *input* weights of consumers (conv/linear ``in`` dims) start at zero, so the model's function is
+  unchanged (exactly, unless a LayerNorm/GroupNorm takes statistics across the new channels).
+* Raw parameters used through ``F.conv2d``/``F.linear`` get PyTorch's default conv/linear init for
+  new output channels; other raw parameters (a layer scale, a positional embedding) get zeros.
+
+``init="reset"`` re-initialises every layer that has ``reset_parameters`` (the CONet reference's
+behaviour between trials); raw parameters keep the inheritance rule.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from fxconet.errors import ChannelError
+from fxconet.ir import ChannelGraph, check_widths
+from fxconet.passes.slots import Layout
+from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution
+from fxconet.passes.trace import META_KEY
+from fxconet.passes.verify import verify_channels
+
+__all__ = ["ResizePlan", "build_resized", "plan_resize", "resize_layers"]
+
+_INITS = ("inherit", "reset")
+
+
+@dataclass(frozen=True, eq=False)
+class ResizePlan:
+    """Which original channels each group keeps.
+
+    Attributes:
+        widths: new width of every group, by id.
+        index: per group id, a LongTensor of the new width whose entry ``j`` is the original
+            channel index that new channel ``j`` comes from, or ``-1`` for a new channel.
+        base: the same per leaf slot (internal; in units of the group's divisor).
+    """
+
+    widths: dict[int, int]
+    index: dict[int, torch.Tensor]
+    base: dict[int, np.ndarray] = field(repr=False)
+    solution: Solution = field(repr=False)
+
+    def kept(self, gid: int) -> torch.Tensor:
+        """Original channel indices that group ``gid`` keeps, ascending."""
+        idx = self.index[gid]
+        return idx[idx >= 0]
+
+    def size_of(self, layout: Layout) -> int:
+        """New total size of a layout."""
+        slots = self.solution.slots
+        total = 0
+        for o, v, i in slots.expand(layout):
+            m = self.base.get(v)
+            total += o * (len(m) if m is not None else slots.size[v]) * i
+        return total
+
+    def positions(self, layout: Layout) -> np.ndarray:
+        """For each position of the resized dim, the original position (or -1 for new)."""
+        slots = self.solution.slots
+        out: list[np.ndarray] = []
+        off = 0
+        for o, v, i in slots.expand(layout):
+            n = slots.size[v]
+            m = self.base.get(v)
+            if m is None:
+                m = np.arange(n)
+            a = np.arange(o)[:, None, None] * (n * i)
+            c = m[None, :, None]
+            t = np.arange(i)[None, None, :]
+            pos = off + a + c * i + t
+            pos = np.where(np.broadcast_to(c < 0, pos.shape), -1, pos)
+            out.append(pos.reshape(-1))
+            off += o * n * i
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def layer_channels(self, path: str) -> dict[str, torch.Tensor]:
+        """Kept original indices of a layer's input (``"in"``) and output (``"out"``) channels
+        (``-1`` marks new channels)."""
+        rec = self.solution.layers.get(path)
+        if rec is None:
+            raise KeyError(f"no layer {path!r}")
+        out: dict[str, torch.Tensor] = {}
+        for key, layout in (("in", rec.in_layout), ("out", rec.out_layout)):
+            if layout is not None:
+                out[key] = torch.from_numpy(self.positions(layout))
+        return out
+
+
+def _channel_scores(solution: Solution, leaves: set[int]) -> dict[int, np.ndarray]:
+    """Per leaf slot, the sum over producers of the L2 norm of each channel's weights (over
+    every repetition of the channel in the producer's output dim)."""
+    slots = solution.slots
+    scores = {v: np.zeros(slots.size[v], dtype=np.float64) for v in leaves}
+    for rec in solution.params.values():
+        if not rec.producer:
+            continue
+        for d, role in rec.roles.items():
+            if role != "out":
+                continue
+            blocks = slots.expand(rec.dims[d])
+            if not any(v in scores for _, v, _ in blocks):
+                continue
+            norms = _dim_norms(rec, d)
+            off = 0
+            for o, v, i in blocks:
+                n = slots.size[v]
+                size = o * n * i
+                if v in scores:
+                    scores[v] += norms[off : off + size].reshape(o, n, i).sum(axis=(0, 2))
+                off += size
+    return scores
+
+
+def _dim_norms(rec: ParamRecord, d: int) -> np.ndarray:
+    t = rec.tensor.detach()
+    if t.device.type == "meta":
+        return np.zeros(t.shape[d])
+    flat = t.transpose(0, d).reshape(t.shape[d], -1).to(torch.float64)
+    return flat.norm(dim=1).cpu().numpy()
+
+
+def plan_resize(
+    graph: ChannelGraph, widths: Mapping[int, int], *, select: str = "norm"
+) -> ResizePlan:
+    """Validate ``widths`` (group id -> new width) and choose the kept channels of each group.
+
+    ``select="norm"`` keeps the channels with the largest producer weight norms (ties by index);
+    ``select="first"`` keeps the first channels (used by the shape probe, which needs no weights).
+
+    Raises:
+        ChannelError: unknown id, frozen group, width < 1 or not a multiple of the divisor.
+
+    Example:
+        >>> plan = plan_resize(graph, {1: 32})
+        >>> plan.kept(1)   # the 32 channels of group 1 with the largest producer weight norms
+    """
+    solution: Solution = graph.state
+    full = check_widths(graph, widths)
+    base: dict[int, np.ndarray] = {}
+    index: dict[int, torch.Tensor] = {}
+    shrinking = {
+        solution.leaf_of[gid]
+        for gid, width in full.items()
+        if width // solution.unit[gid] < solution.slots.size[solution.leaf_of[gid]]
+    }
+    scores = _channel_scores(solution, shrinking) if select == "norm" and shrinking else {}
+    for gid, width in full.items():
+        leaf = solution.leaf_of[gid]
+        unit = solution.unit[gid]
+        n = solution.slots.size[leaf]
+        n_new = width // unit
+        if n_new == n:
+            m = np.arange(n)
+        elif n_new > n:
+            m = np.concatenate([np.arange(n), -np.ones(n_new - n, dtype=np.int64)])
+        elif select == "first":
+            m = np.arange(n_new)
+        else:
+            score = scores[leaf]
+            order = np.lexsort((np.arange(n), -score))  # by score desc, then index asc
+            m = np.sort(order[:n_new])
+        base[leaf] = m.astype(np.int64)
+        # user-facing index: channels of the group's narrowest appearance (unit per slot)
+        u = np.arange(unit)
+        full_idx = np.where(m[:, None] >= 0, m[:, None] * unit + u[None, :], -1).reshape(-1)
+        index[gid] = torch.from_numpy(full_idx)
+    return ResizePlan(widths=full, index=index, base=base, solution=solution)
+
+
+# ---------------------------------------------------------------------------------------------
+# building resized tensors and modules
+
+
+def _gather(
+    old: torch.Tensor,
+    maps: list[np.ndarray | None],
+    roles: dict[int, str],
+    fresh: torch.Tensor | None,
+) -> torch.Tensor:
+    """Index ``old`` along every dim with a position map (``-1`` = new position).
+
+    New positions take their values from ``fresh`` (the layer's default initialisation), except
+    along input dims, where they are zero so consumers ignore new channels.
+    """
+    out = old.detach()
+    copied = False
+    for d, m in enumerate(maps):
+        if m is None:
+            continue
+        src = m[m >= 0]
+        if len(src) != out.shape[d] or not np.array_equal(src, np.arange(len(src))):
+            out = out.index_select(d, torch.from_numpy(src).to(out.device))
+            copied = True
+    grown = [(d, m) for d, m in enumerate(maps) if m is not None and (m < 0).any()]
+    if not grown:
+        return out if copied else out.clone()
+    shape = [len(m) if m is not None else s for m, s in zip(maps, old.shape, strict=True)]
+    if fresh is None:
+        full = torch.zeros(shape, dtype=old.dtype, device=old.device)
+    else:
+        full = fresh.detach().to(old.dtype)
+    # move the grown dims to the front so one advanced-index assignment places the old block
+    dims = [d for d, _ in grown]
+    perm = dims + [d for d in range(old.dim()) if d not in dims]
+    index = []
+    for k, (_, m) in enumerate(grown):
+        view = [1] * len(grown)
+        view[k] = -1
+        index.append(torch.from_numpy(np.nonzero(m >= 0)[0]).to(old.device).view(view))
+    with torch.no_grad():
+        full.permute(perm)[tuple(index)] = out.permute(perm)
+        for d, m in grown:
+            if roles.get(d) == "in":
+                new_pos = torch.from_numpy(np.nonzero(m < 0)[0]).to(old.device)
+                full.index_fill_(d, new_pos, 0)
+    return full
+
+
+def _maps(plan: ResizePlan, rec: ParamRecord) -> list[np.ndarray | None]:
+    maps: list[np.ndarray | None] = []
+    for d, layout in enumerate(rec.dims):
+        pos = plan.positions(layout)
+        identity = len(pos) == rec.tensor.shape[d] and (pos == np.arange(len(pos))).all()
+        maps.append(None if identity else pos)
+    return maps
+
+
+def _new_shape(rec: ParamRecord, maps: list[np.ndarray | None]) -> tuple[int, ...]:
+    return tuple(
+        len(m) if m is not None else s for m, s in zip(maps, rec.tensor.shape, strict=True)
+    )
+
+
+def _default_raw_init(rec: ParamRecord, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Default values for new entries of a raw parameter (no module to reset)."""
+    t = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    if rec.producer and len(shape) >= 2:
+        nn.init.kaiming_uniform_(t, a=math.sqrt(5))  # nn.Conv2d / nn.Linear default
+    return t
+
+
+def _as_param(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(like, nn.Parameter):
+        return nn.Parameter(t, requires_grad=like.requires_grad)
+    return t
+
+
+class _Builder:
+    """Builds new modules and tensors for a plan (real weights, or meta for probing)."""
+
+    def __init__(self, plan: ResizePlan, init: str, meta: bool) -> None:
+        self.plan = plan
+        self.init = init
+        self.meta = meta
+        self.solution = plan.solution
+        self.tensors: dict[int, torch.Tensor] = {}  # id(old tensor) -> new tensor
+        self._maps: dict[int, list[np.ndarray | None]] = {}
+
+    def maps(self, rec: ParamRecord) -> list[np.ndarray | None]:
+        key = id(rec.tensor)
+        hit = self._maps.get(key)
+        if hit is None:
+            hit = self._maps[key] = _maps(self.plan, rec)
+        return hit
+
+    def tensor(self, old: torch.Tensor, fresh: torch.Tensor | None = None) -> torch.Tensor:
+        key = id(old)
+        hit = self.tensors.get(key)
+        if hit is not None:
+            return hit
+        rec = self.solution.params.get(key)
+        if rec is None:
+            new = torch.empty_like(old, device="meta") if self.meta else old.detach().clone()
+        else:
+            maps = self.maps(rec)
+            if self.meta:
+                new = torch.empty(_new_shape(rec, maps), dtype=old.dtype, device="meta")
+            else:
+                if fresh is None and any(m is not None and (m < 0).any() for m in maps):
+                    fresh = _default_raw_init(rec, _new_shape(rec, maps), old)
+                new = _gather(old, maps, rec.roles, fresh)
+        new = _as_param(new, old)
+        self.tensors[key] = new
+        return new
+
+    def module(self, rec: LayerRecord | None, mod: nn.Module) -> nn.Module:
+        """A resized copy of ``mod`` that shares nothing with it."""
+        changed = rec is not None and self._changes(mod, rec)
+        if not changed and not (self.init == "reset" and hasattr(mod, "reset_parameters")):
+            return self._copy(mod)
+        new = self._structural(mod)
+        size_of = self.plan.size_of
+        if rec is not None and rec.update is not None:
+            rec.update(new, size_of, rec.notes)
+        own = [
+            (n, t) for n, t in [*mod._parameters.items(), *mod._buffers.items()] if t is not None
+        ]
+        fresh: dict[str, torch.Tensor] = {}
+        if not self.meta and (self.init == "reset" or self._grows(own)):
+            for name, t in own:
+                shape = self._shape_of(t)
+                empty = torch.empty(shape, dtype=t.dtype, device=t.device)
+                _set(new, name, _as_param(empty, t))
+            if hasattr(new, "reset_parameters"):
+                with torch.no_grad():
+                    new.reset_parameters()
+            fresh = {name: _get(new, name).detach() for name, _ in own}
+        for name, t in own:
+            if self.init == "reset" and not self.meta and name in fresh:
+                new_t = _as_param(fresh[name], t)
+                self.tensors[id(t)] = new_t
+            else:
+                new_t = self.tensor(t, fresh.get(name))
+            _set(new, name, new_t)
+        return new
+
+    def _shape_of(self, t: torch.Tensor) -> tuple[int, ...]:
+        rec = self.solution.params.get(id(t))
+        return tuple(t.shape) if rec is None else _new_shape(rec, self.maps(rec))
+
+    def _grows(self, own: list[tuple[str, torch.Tensor]]) -> bool:
+        for _, t in own:
+            rec = self.solution.params.get(id(t))
+            if rec is not None and any(m is not None and (m < 0).any() for m in self.maps(rec)):
+                return True
+        return False
+
+    def _changes(self, mod: nn.Module, layer: LayerRecord) -> bool:
+        for t in [*mod._parameters.values(), *mod._buffers.values()]:
+            if t is None:
+                continue
+            rec = self.solution.params.get(id(t))
+            if rec is not None and any(m is not None for m in self.maps(rec)):
+                return True
+        for layout in layer.notes.get("layouts", ()):
+            if self.plan.size_of(layout) != self.solution.slots.total(layout):
+                return True
+        return False
+
+    def _structural(self, mod: nn.Module) -> nn.Module:
+        memo: dict[int, Any] = {id(t): t for t in [*mod.parameters(), *mod.buffers()]}
+        return copy.deepcopy(mod, memo)
+
+    def _copy(self, mod: nn.Module) -> nn.Module:
+        new = self._structural(mod)
+        for sub in new.modules():
+            for name, t in list(sub._parameters.items()):
+                if t is not None:
+                    sub._parameters[name] = self.tensor(t)
+            for name, t in list(sub._buffers.items()):
+                if t is not None:
+                    sub._buffers[name] = self.tensor(t)
+        return new
+
+
+def _set(mod: nn.Module, name: str, t: torch.Tensor) -> None:
+    if name in mod._parameters:
+        mod._parameters[name] = t  # type: ignore[assignment]
+    else:
+        mod._buffers[name] = t
+
+
+def _get(mod: nn.Module, name: str) -> torch.Tensor:
+    t = mod._parameters.get(name)
+    return t if t is not None else mod._buffers[name]  # type: ignore[return-value]
+
+
+def _rewritten_graph(solution: Solution, plan: ResizePlan) -> torch.fx.Graph:
+    graph = copy.deepcopy(solution.traced.graph)
+    by_name = {n.name: n for n in graph.nodes}
+    for name, fns in solution.rewrites.items():
+        node = by_name[name]
+        for fn in fns:
+            change = fn(plan.size_of)
+            remap = lambda a: torch.fx.node.map_arg(a, lambda n: by_name[n.name])  # noqa: E731
+            if "op" in change:
+                node.op = change["op"]
+            if "target" in change:
+                node.target = change["target"]
+            if "args" in change:
+                node.args = remap(tuple(change["args"]))
+            if "kwargs" in change:
+                node.kwargs = remap(dict(change["kwargs"]))
+    for node in graph.nodes:
+        node.meta.pop(META_KEY, None)
+    return graph
+
+
+def build_resized(
+    plan: ResizePlan, *, init: str = "inherit", meta: bool = False
+) -> tuple[torch.fx.Graph, dict[str, Any]]:
+    """The rewritten graph and its new modules/tensors by qualified name."""
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    solution = plan.solution
+    traced = solution.traced
+    builder = _Builder(plan, init, meta)
+    owners: dict[str, Any] = {}
+    for node in traced.graph.nodes:
+        if node.op == "call_module":
+            path = str(node.target)
+            if path not in owners:
+                owners[path] = builder.module(solution.layers.get(path), traced.module(path))
+    for node in traced.graph.nodes:
+        if node.op == "get_attr":
+            target = str(node.target)
+            if target in owners:
+                continue
+            value = _get_attr(traced.root, target)
+            if isinstance(value, torch.Tensor):
+                owners[target] = builder.tensor(value)
+            elif isinstance(value, nn.Module):
+                owners[target] = builder.module(solution.layers.get(target), value)
+            else:
+                owners[target] = copy.deepcopy(value)
+    graph = _rewritten_graph(solution, plan)
+    return graph, owners
+
+
+def _get_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def expected_shapes(plan: ResizePlan) -> dict[str, Any]:
+    """Predicted shape of every tensor node after resizing (nested for tuple outputs)."""
+
+    def shape(d: Any) -> Any:
+        if d is None:
+            return None
+        if len(d) == 0 or _is_layout(d[0]):
+            return tuple(plan.size_of(layout) for layout in d)
+        return tuple(shape(x) for x in d)
+
+    return {name: shape(d) for name, d in plan.solution.dims.items()}
+
+
+def _is_layout(x: Any) -> bool:
+    return isinstance(x, tuple) and all(
+        isinstance(b, tuple) and len(b) == 3 and isinstance(b[0], int) for b in x
+    )
+
+
+def resize_layers(
+    graph: ChannelGraph, widths: Mapping[int, int], *, init: str = "inherit"
+) -> tuple[torch.fx.GraphModule, ResizePlan]:
+    """Resize every layer the changed groups touch and re-emit a verified GraphModule.
+
+    The result shares no tensor with the input model. Kept channel indices are in the returned
+    :class:`ResizePlan` (also stored as ``gm.meta["fxconet"]``).
+
+    Raises:
+        ChannelError: invalid widths.
+        VerificationError: the rewritten graph does not compute the predicted shapes.
+    """
+    solution: Solution = graph.state
+    if solution is None:
+        raise ChannelError("this ChannelGraph has no solver state (was it built by analyze()?)")
+    plan = plan_resize(graph, widths)
+    new_graph, owners = build_resized(plan, init=init)
+    gm = torch.fx.GraphModule(owners, new_graph, solution.traced.name)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    verify_channels(
+        gm,
+        (solution.example_args, solution.example_kwargs),
+        expected=expected_shapes(plan),
+    )
+    gm.meta["fxconet"] = plan
+    gm.training = solution.traced.root.training  # submodules keep their own flags
+    return gm, plan

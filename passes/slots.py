@@ -1,0 +1,319 @@
+"""Channel slots: union-find over channel index spaces, with layouts.
+
+Every tensor dim of the traced graph is described by a *layout*: a sequence of blocks
+``(outer, var, inner)``. A block stands for ``outer * |var| * inner`` consecutive positions whose
+index is ``a * |var| * inner + c * inner + t`` (``a < outer``, ``c < |var|``, ``t < inner``): the
+``c``-th channel of ``var``, repeated ``outer`` times around and ``inner`` times inside. Examples:
+
+* ``(N, C, H, W)`` after a conv: dim 1 is ``((1, g, 1),)`` for the conv's new group ``g``.
+* ``torch.cat([a, b], 1)``: ``((1, ga, 1), (1, gb, 1))``.
+* ``flatten(1)`` of ``(N, C, 7, 7)``: ``((1, g, 49),)`` -- each channel repeated 49 times inside.
+* the input of a conv with ``groups=4``: ``((4, v, 1),)`` -- the same per-group slots 4 times.
+
+Unifying two layouts (a residual add, a conv's input meeting the producer's output) aligns their
+blocks; where boundaries differ a variable is *refined*: split into a concatenation of new
+variables, or factored into ``(outer, var', inner)``. Refinement never loses a solution: it only
+names sub-spaces that must be resized consistently. The leaves of the refinement tree that carry a
+producer are the channel groups of the IR.
+
+A layout that cannot be aligned (a reshape that interleaves channels of two groups in a way no
+refinement expresses) raises :class:`Conflict`; the caller then freezes every slot involved, which
+is always safe because a frozen slot keeps all of its channels in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+
+__all__ = ["Block", "Conflict", "Layout", "Slots"]
+
+Block = tuple[int, int, int]  # (outer, var, inner)
+Layout = tuple[Block, ...]
+
+_MAX_BLOCKS = 4096  # cap on explicit repetition when expanding refined variables
+
+
+class Conflict(Exception):
+    """Two layouts cannot be made consistent by refinement."""
+
+
+class Slots:
+    """The union-find of channel slot variables.
+
+    Attributes per variable (valid on roots): ``size``; ``sub`` (its refinement: a layout over
+    new variables, or None for a leaf); ``reason`` (why frozen, None if free); ``produced``
+    (a width-choosing layer creates it); ``inexact`` (an op takes statistics across it).
+    """
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.sub: list[Layout | None] = []
+        self.reason: list[str | None] = []
+        self.produced: list[bool] = []
+        self.inexact: list[bool] = []
+
+    # -- variables ------------------------------------------------------------------------------
+
+    def new(self, size: int, *, reason: str | None = None, produced: bool = False) -> int:
+        """A fresh leaf variable of ``size`` channels."""
+        if size < 0:
+            raise ValueError(f"slot size must be >= 0, got {size}")
+        v = len(self.parent)
+        self.parent.append(v)
+        self.size.append(size)
+        self.sub.append(None)
+        self.reason.append(reason)
+        self.produced.append(produced)
+        self.inexact.append(False)
+        return v
+
+    def layout(self, size: int, *, reason: str | None = None, produced: bool = False) -> Layout:
+        """A layout made of one fresh variable."""
+        return ((1, self.new(size, reason=reason, produced=produced), 1),)
+
+    def find(self, v: int) -> int:
+        parent = self.parent
+        root = v
+        while parent[root] != root:
+            root = parent[root]
+        while parent[v] != root:  # path compression
+            parent[v], v = root, parent[v]
+        return root
+
+    def is_leaf(self, v: int) -> bool:
+        return self.sub[self.find(v)] is None
+
+    def _inherit(self, parent: int, size: int) -> int:
+        child = self.new(size, reason=self.reason[parent], produced=self.produced[parent])
+        self.inexact[child] = self.inexact[parent]
+        return child
+
+    def split(self, v: int, sizes: Iterable[int]) -> list[int]:
+        """Refine leaf ``v`` into a concatenation of new variables of ``sizes``."""
+        r = self.find(v)
+        sizes = list(sizes)
+        if self.sub[r] is not None:
+            raise Conflict(f"slot {r} is already refined")
+        if sum(sizes) != self.size[r] or any(s <= 0 for s in sizes):
+            raise Conflict(f"cannot split {self.size[r]} channels into {sizes}")
+        parts = [self._inherit(r, s) for s in sizes]
+        self.sub[r] = tuple((1, p, 1) for p in parts)
+        return parts
+
+    def factor(self, v: int, outer: int, inner: int) -> int:
+        """Refine leaf ``v`` into ``(outer, v', inner)``; returns ``v'``."""
+        r = self.find(v)
+        if outer == 1 and inner == 1:
+            return r
+        if self.sub[r] is not None:
+            raise Conflict(f"slot {r} is already refined")
+        n = self.size[r]
+        if n % (outer * inner):
+            raise Conflict(f"{n} channels are not {outer} x k x {inner}")
+        child = self._inherit(r, n // (outer * inner))
+        self.sub[r] = ((outer, child, inner),)
+        return child
+
+    def link(self, v: int, w: int) -> int:
+        """Merge two leaves of equal size; returns the new root."""
+        a, b = self.find(v), self.find(w)
+        if a == b:
+            return a
+        if self.sub[a] is not None or self.sub[b] is not None:
+            raise AssertionError("link() takes leaves")
+        if self.size[a] != self.size[b]:
+            raise AssertionError(f"link of sizes {self.size[a]} and {self.size[b]}")
+        if b < a:  # keep the older variable as root: first appearance order
+            a, b = b, a
+        self.parent[b] = a
+        self.reason[a] = self.reason[a] or self.reason[b]
+        self.produced[a] = self.produced[a] or self.produced[b]
+        self.inexact[a] = self.inexact[a] or self.inexact[b]
+        return a
+
+    # -- layouts --------------------------------------------------------------------------------
+
+    def width(self, v: int) -> int:
+        return self.size[self.find(v)]
+
+    def total(self, layout: Layout) -> int:
+        return sum(o * self.size[self.find(v)] * i for o, v, i in layout)
+
+    def expand(self, layout: Layout) -> list[Block]:
+        """The layout over leaf variables (refinements substituted), adjacent repeats merged."""
+        out: list[Block] = []
+        for o, v, i in layout:
+            r = self.find(v)
+            sub = self.sub[r]
+            if sub is None:
+                parts = [(1, r, 1)]
+            else:
+                parts = self.expand(sub)
+            if len(parts) == 1:
+                po, pv, pi = parts[0]
+                _push(out, (o * po, pv, pi * i))
+                continue
+            if o * len(parts) > _MAX_BLOCKS:
+                raise Conflict(f"layout would need {o * len(parts)} blocks")
+            scaled = [(po, pv, pi * i) for po, pv, pi in parts]
+            for _ in range(o):
+                for b in scaled:
+                    _push(out, b)
+        return out
+
+    def leaves(self, layout: Layout) -> list[int]:
+        """Distinct leaf variables of a layout, in order of appearance."""
+        seen: dict[int, None] = {}
+        for _, v, _ in self.expand(layout):
+            seen.setdefault(v, None)
+        return list(seen)
+
+    def is_fixed(self, layout: Layout) -> bool:
+        """True when every leaf of the layout is frozen (its size can never change)."""
+        return all(self.reason[v] is not None for v in self.leaves(layout))
+
+    def freeze(self, layout: Layout, reason: str) -> None:
+        """Freeze every leaf of ``layout`` (no-op for leaves already frozen)."""
+        try:
+            leaves = self.leaves(layout)
+        except Conflict:
+            leaves = self._all_vars(layout)
+        for v in leaves:
+            if self.reason[v] is None:
+                self.reason[v] = reason
+
+    def _all_vars(self, layout: Layout) -> list[int]:
+        """Every leaf under ``layout`` without expanding repetitions (for huge layouts)."""
+        out: list[int] = []
+        stack = [v for _, v, _ in layout]
+        while stack:
+            r = self.find(stack.pop())
+            sub = self.sub[r]
+            if sub is None:
+                out.append(r)
+            else:
+                stack.extend(v for _, v, _ in sub)
+        return out
+
+    def mark_inexact(self, layout: Layout) -> None:
+        for v in self._all_vars(layout):
+            self.inexact[v] = True
+
+    def unify(self, a: Layout, b: Layout) -> None:
+        """Make two layouts of equal total size denote the same channels, refining as needed.
+
+        Raises:
+            Conflict: when no refinement makes them agree (the caller freezes both).
+        """
+        if a == b:
+            return
+        qa, qb = deque(self.expand(a)), deque(self.expand(b))
+        while qa and qb:
+            x, y = self._head(qa), self._head(qb)
+            sx, sy = self._bsize(x), self._bsize(y)
+            if sx == sy:
+                qa.popleft()
+                qb.popleft()
+                self._unify_blocks(x, y)
+            elif sx < sy:
+                qb.popleft()
+                qb.extendleft(reversed(self._cut(y, sx)))
+            else:
+                qa.popleft()
+                qa.extendleft(reversed(self._cut(x, sy)))
+        if any(self._bsize(x) for x in qa) or any(self._bsize(y) for y in qb):
+            raise AssertionError("unify() of layouts with different totals")
+
+    def slice(self, layout: Layout, start: int, stop: int) -> Layout:
+        """The sub-layout of positions ``[start, stop)``, refining variables at the cut points."""
+        q = deque(self.expand(layout))
+        pos = 0
+        out: list[Block] = []
+        while q and pos < stop:
+            x = self._head(q)
+            s = self._bsize(x)
+            if pos + s <= start:
+                q.popleft()
+                pos += s
+                continue
+            if pos < start:
+                q.popleft()
+                q.extendleft(reversed(self._cut(x, start - pos)))
+                continue
+            if pos + s > stop:
+                q.popleft()
+                q.extendleft(reversed(self._cut(x, stop - pos)))
+                continue
+            q.popleft()
+            out.append(x)
+            pos += s
+        return tuple(out)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _bsize(self, b: Block) -> int:
+        return b[0] * self.size[self.find(b[1])] * b[2]
+
+    def _head(self, q: deque[Block]) -> Block:
+        """The first block of ``q``, re-expanded if its variable was refined meanwhile."""
+        while True:
+            o, v, i = q[0]
+            r = self.find(v)
+            if self.sub[r] is None:
+                if r != v:
+                    q[0] = (o, r, i)
+                return q[0]
+            q.popleft()
+            q.extendleft(reversed(self.expand(((o, r, i),))))
+
+    def _cut(self, b: Block, p: int) -> list[Block]:
+        """Blocks equal to ``b`` with a boundary at position ``p`` (0 < p < size(b))."""
+        o, v, i = b
+        r = self.find(v)
+        n = self.size[r]
+        unit = n * i
+        k, rem = divmod(p, unit)
+        if rem == 0:
+            return [(k, r, i), (o - k, r, i)]
+        if k > 0:
+            rest = [(o - k - 1, r, i)] if o - k - 1 > 0 else []
+            return [(k, r, i), (1, r, i), *rest]
+        if rem % i:
+            raise Conflict(f"cut at {p} falls inside a repeated channel (inner {i})")
+        first, second = self.split(r, [rem // i, n - rem // i])
+        rest = [(o - 1, r, i)] if o > 1 else []
+        return [(1, first, i), (1, second, i), *rest]
+
+    def _unify_blocks(self, x: Block, y: Block) -> None:
+        o1, v, i1 = x
+        o2, w, i2 = y
+        v, w = self.find(v), self.find(w)
+        if o1 == o2 and i1 == i2:
+            self.link(v, w)
+            return
+        if v == w:
+            raise Conflict("a slot meets itself with a different repetition structure")
+        big_o, big_i = math.lcm(o1, o2), math.lcm(i1, i2)
+        fv = (big_o // o1, big_i // i1)
+        fw = (big_o // o2, big_i // i2)
+        if self.size[v] % (fv[0] * fv[1]) or self.size[w] % (fw[0] * fw[1]):
+            raise Conflict(
+                f"blocks ({o1}, {self.size[v]}, {i1}) and ({o2}, {self.size[w]}, {i2}) "
+                "have no common refinement"
+            )
+        v2 = self.factor(v, *fv)
+        w2 = self.factor(w, *fw)
+        self.link(v2, w2)
+
+
+def _push(out: list[Block], b: Block) -> None:
+    if b[0] == 0:
+        return
+    if out and out[-1][1] == b[1] and out[-1][2] == b[2]:
+        o, v, i = out[-1]
+        out[-1] = (o + b[0], v, i)
+    else:
+        out.append(b)

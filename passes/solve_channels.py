@@ -1,0 +1,624 @@
+"""Analysis: solve the channel constraints of a traced graph (paper Alg. 1, generalised).
+
+Every node is visited once in graph (topological) order. Its op rule (``fxconet.ops``) reads the
+layouts of its inputs and returns the layouts of its outputs, tying, refining, producing or
+freezing channel slots through a :class:`RuleContext`. Model inputs and outputs are frozen. The
+leaves of the slot union-find that a width-choosing layer produces are the channel groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxconet import ops as _ops
+from fxconet.ir import ChannelGraph, ChannelGroup, EdgeInfo, LayerInfo, TensorInfo
+from fxconet.passes.slots import Conflict, Layout, Slots
+from fxconet.passes.trace import META_KEY, NodeInfo, Traced, describe_node
+
+__all__ = ["LayerRecord", "ParamRecord", "RuleContext", "Solution", "solve_channels"]
+
+Dims = tuple[Layout, ...]
+Rewrite = Callable[[Callable[[Layout], int]], dict[str, Any]]
+
+
+@dataclass
+class ParamRecord:
+    """A parameter or buffer whose dims carry channel slots."""
+
+    path: str  # qualified name in the model (the first one for a shared tensor)
+    tensor: torch.Tensor
+    dims: Dims
+    roles: dict[int, str] = field(default_factory=dict)  # dim -> "in" | "out"
+    producer: bool = False  # out-dim channels are chosen by this tensor's layer
+
+
+@dataclass
+class LayerRecord:
+    """A module called by the graph (or a raw parameter used as a layer), for resizing."""
+
+    path: str
+    kind: str  # conv | linear | conv_transpose | depthwise | norm | param | other
+    module: nn.Module | None
+    params: dict[str, int] = field(default_factory=dict)  # attribute name -> id(tensor)
+    notes: dict[str, Any] = field(default_factory=dict)
+    update: Callable[..., None] | None = None  # sets module attributes after resizing
+    in_layout: Layout | None = None
+    out_layout: Layout | None = None
+
+
+@dataclass
+class Solution:
+    """Everything the rewrite needs: slots, layouts per node, parameters, layers, rewrites."""
+
+    traced: Traced
+    slots: Slots
+    dims: dict[str, Any]  # node.name -> Dims | nested tuple of Dims | None
+    params: dict[int, ParamRecord]
+    layers: dict[str, LayerRecord]
+    rewrites: dict[str, list[Rewrite]]
+    kinds: dict[str, str]
+    provenance: dict[str, Any]
+    group_of: dict[int, int] = field(default_factory=dict)  # leaf var -> group id
+    leaf_of: list[int] = field(default_factory=list)  # group id -> leaf var
+    unit: list[int] = field(default_factory=list)  # group id -> channels per base slot
+    needs_probe: bool = False
+    example_args: tuple[Any, ...] = ()
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class RuleContext:
+    """What an op rule sees: its node, its inputs' layouts, and the constraint operations.
+
+    A rule is a function ``rule(ctx) -> outputs`` where ``outputs`` are the per-dim layouts of
+    the node's tensor output (a tuple with one :data:`Layout` per dim), a list/tuple of those for
+    ops returning several tensors, or ``None`` for non-tensor results.
+    """
+
+    def __init__(self, solver: _Solver, node: torch.fx.Node, module: nn.Module | None) -> None:
+        self.solver = solver
+        self.slots = solver.slots
+        self.node = node
+        self.module = module
+        self.path: str | None = str(node.target) if node.op == "call_module" else None
+        self.is_conv = False
+
+    # -- reading --------------------------------------------------------------------------------
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return self.node.args
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.node.kwargs)
+
+    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        """Positional argument ``index`` or keyword ``name`` (raw: a Node or a literal)."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def value(self, a: Any) -> Any:
+        """The meta value of a Node argument, or the literal itself."""
+        if isinstance(a, torch.fx.Node):
+            return a.meta[META_KEY].value
+        return a
+
+    @property
+    def out(self) -> Any:
+        """This node's meta value."""
+        return self.node.meta[META_KEY].value
+
+    def shape(self, a: Any) -> tuple[int, ...]:
+        v = self.value(a)
+        return tuple(v.shape)
+
+    def dims(self, a: Any) -> Dims | None:
+        """Per-dim layouts of a tensor argument (None for non-tensors)."""
+        if isinstance(a, torch.fx.Node):
+            d = self.solver.dims.get(a.name)
+            if isinstance(d, tuple) and (not d or isinstance(d[0], tuple) and _is_layout(d[0])):
+                return d
+            return None
+        return None
+
+    def tensor_args(self) -> list[torch.fx.Node]:
+        """Every tensor-valued Node among the (nested) args and kwargs."""
+        found: list[torch.fx.Node] = []
+
+        def visit(a: Any) -> Any:
+            if isinstance(self.value(a), torch.Tensor) and self.dims(a) is not None:
+                found.append(a)
+            return a
+
+        torch.fx.node.map_arg((self.node.args, self.node.kwargs), visit)
+        return found
+
+    def provenance(self, a: Any) -> Any:
+        """For a size value computed from a tensor (``x.size(1)``), the layout it measures."""
+        if isinstance(a, torch.fx.Node):
+            return self.solver.provenance.get(a.name)
+        return None
+
+    def set_provenance(self, value: Any) -> None:
+        self.solver.provenance[self.node.name] = value
+
+    def describe(self) -> str:
+        return describe_node(self.node)
+
+    # -- building layouts -----------------------------------------------------------------------
+
+    def fresh(self, size: int, *, produced: bool = False) -> Layout:
+        """A layout of one new free variable (``produced``: a width-choosing layer makes it)."""
+        return self.slots.layout(size, produced=produced)
+
+    def fixed(self, size: int, what: str = "dim") -> Layout:
+        """A layout of one new frozen variable (a dim whose size can never change)."""
+        return self.slots.layout(size, reason=f"{what} of `{self.node.name}` is fixed")
+
+    def fixed_dims(self, shape: Sequence[int], what: str = "dim") -> Dims:
+        return tuple(self.fixed(int(s), what) for s in shape)
+
+    def fixed_like(self, value: Any, what: str = "output") -> Any:
+        """Frozen layouts for every tensor in a (nested) value."""
+        if isinstance(value, torch.Tensor):
+            return self.fixed_dims(value.shape, what)
+        if isinstance(value, tuple | list):
+            return tuple(self.fixed_like(v, what) for v in value)
+        return None
+
+    def param(self, name: str, module: nn.Module | None = None) -> Dims | None:
+        """Per-dim layouts of parameter/buffer ``name`` of this node's module (None if unset)."""
+        mod = module if module is not None else self.module
+        if mod is None:
+            raise AssertionError("param() needs a module")
+        t = getattr(mod, name, None)
+        if not isinstance(t, torch.Tensor):
+            return None
+        layer = self.layer()
+        layer.params[name] = id(t)
+        return self.solver.param_dims(t, f"{self.path}.{name}" if self.path else name)
+
+    def tensor_dims(self, t: torch.Tensor, path: str) -> Dims:
+        """Per-dim layouts of a raw parameter tensor (created once per tensor)."""
+        return self.solver.param_dims(t, path)
+
+    def role(self, name: str, dim: int, role: str) -> None:
+        """Mark dim ``dim`` of parameter ``name`` as the layer's "in" or "out" channels."""
+        t = getattr(self.module, name)
+        self.solver.params[id(t)].roles[dim] = role
+        if role == "out" and self.is_conv:
+            self.solver.params[id(t)].producer = True
+
+    def layer(self, kind: str | None = None) -> LayerRecord:
+        """The :class:`LayerRecord` of this node's module (created on first use)."""
+        assert self.path is not None
+        rec = self.solver.layers.get(self.path)
+        if rec is None:
+            rec = LayerRecord(path=self.path, kind=kind or "other", module=self.module)
+            self.solver.layers[self.path] = rec
+        elif kind is not None:
+            rec.kind = kind
+        return rec
+
+    # -- constraints ----------------------------------------------------------------------------
+
+    def tie(self, a: Layout, b: Layout, why: str | None = None) -> bool:
+        """Constrain two layouts to the same channels; on conflict freeze both and return False."""
+        try:
+            self.slots.unify(a, b)
+            return True
+        except Conflict as e:
+            reason = why or f"incompatible channel layouts at {self.describe()}: {e}"
+            self.slots.freeze(a, reason)
+            self.slots.freeze(b, reason)
+            return False
+
+    def freeze(self, *layouts: Layout | None, reason: str) -> None:
+        for layout in layouts:
+            if layout is not None:
+                self.slots.freeze(layout, reason)
+
+    def freeze_dims(self, dims: Any, reason: str) -> None:
+        """Freeze every layout in a (nested) Dims value."""
+        if dims is None:
+            return
+        if _is_layout(dims):
+            self.slots.freeze(dims, reason)
+            return
+        for d in dims:
+            self.freeze_dims(d, reason)
+
+    def produce(self, layout: Layout) -> None:
+        """Mark the leaves of ``layout`` as chosen by this (width-choosing) layer."""
+        self.is_conv = True
+        for v in self.slots.leaves(layout):
+            self.slots.produced[v] = True
+
+    def inexact(self, layout: Layout) -> None:
+        """This op takes statistics across the channels of ``layout``."""
+        self.slots.mark_inexact(layout)
+
+    def factor(self, layout: Layout, outer: int, inner: int) -> Layout | None:
+        """Constrain ``layout`` to ``(outer, u, inner)`` for a new variable ``u``; returns ``u``'s
+        layout, or None (and freezes ``layout``) when impossible."""
+        total = self.slots.total(layout)
+        if outer * inner == 0 or total % (outer * inner):
+            self.freeze(layout, reason=f"{self.describe()} needs {outer}x{inner} structure")
+            return None
+        u = self.slots.new(total // (outer * inner))
+        if outer == 1 and inner == 1:
+            ok = self.tie(layout, ((1, u, 1),))
+        else:
+            ok = self.tie(layout, ((outer, u, inner),))
+        return ((1, u, 1),) if ok else None
+
+    def slice(self, layout: Layout, start: int, stop: int) -> Layout:
+        """Positions ``[start, stop)`` of ``layout`` (refines at the cut points)."""
+        try:
+            return self.slots.slice(layout, start, stop)
+        except Conflict as e:
+            self.freeze(layout, reason=f"cannot slice channels at {self.describe()}: {e}")
+            return self.fixed(stop - start, "slice")
+
+    def rewrite(self, fn: Rewrite) -> None:
+        """Register how to update this node's target/args/kwargs for new widths.
+
+        ``fn(size_of)`` gets a function returning the new total size of a layout and returns a
+        dict with any of ``target``, ``args``, ``kwargs``.
+        """
+        self.solver.rewrites.setdefault(self.node.name, []).append(fn)
+
+    def dynamic(self) -> None:
+        """This node's shapes depend on values computed at run time (the analysis then probes a
+        resize to confirm its predictions)."""
+        self.solver.needs_probe = True
+
+    def opaque(self, why: str | None = None) -> Any:
+        """Freeze every channel slot this node touches; its outputs get fixed layouts."""
+        reason = why or f"no channel rule for {self.describe()}"
+        for a in self.tensor_args():
+            self.freeze_dims(self.dims(a), reason)
+        if self.module is not None:
+            for _, t in self.module.named_parameters(recurse=True):
+                if id(t) in self.solver.params:
+                    self.freeze_dims(self.solver.params[id(t)].dims, reason)
+        return self.fixed_like(self.out, "output of an opaque op")
+
+
+def _is_layout(x: Any) -> bool:
+    """A Layout is a tuple of 3-int tuples."""
+    return isinstance(x, tuple) and all(
+        isinstance(b, tuple) and len(b) == 3 and isinstance(b[0], int) for b in x
+    )
+
+
+class _Solver:
+    def __init__(self, traced: Traced, freeze: Iterable[Any]) -> None:
+        self.traced = traced
+        self.slots = Slots()
+        self.dims: dict[str, Any] = {}
+        self.params: dict[int, ParamRecord] = {}
+        self.layers: dict[str, LayerRecord] = {}
+        self.rewrites: dict[str, list[Rewrite]] = {}
+        self.kinds: dict[str, str] = {}
+        self.provenance: dict[str, Any] = {}
+        self.needs_probe = False
+        self.freeze_types = tuple(f for f in freeze if isinstance(f, type))
+        self.freeze_paths = {f for f in freeze if isinstance(f, str)}
+        bad = [f for f in freeze if not isinstance(f, type | str)]
+        if bad:
+            raise TypeError(f"freeze= takes module paths or nn.Module types, got {bad!r}")
+        unknown = [p for p in self.freeze_paths if not _has(traced.root, p)]
+        if unknown:
+            raise KeyError(f"freeze= names unknown module paths {sorted(unknown)}")
+
+    def param_dims(self, t: torch.Tensor, path: str) -> Dims:
+        rec = self.params.get(id(t))
+        if rec is None:
+            dims = tuple(self.slots.layout(int(s)) for s in t.shape)
+            rec = ParamRecord(path=path, tensor=t, dims=dims)
+            self.params[id(t)] = rec
+        return rec.dims
+
+    def run(self) -> None:
+        for node in self.traced.graph.nodes:
+            self.visit(node)
+
+    def visit(self, node: torch.fx.Node) -> None:
+        info: NodeInfo = node.meta[META_KEY]
+        value = info.value
+        ctx: RuleContext
+        if node.op == "placeholder":
+            self.dims[node.name] = _fixed_value(self.slots, value, f"model input `{node.name}`")
+            return
+        if node.op == "output":
+            reason = "model output"
+            ctx = RuleContext(self, node, None)
+            for a in ctx.tensor_args():
+                ctx.freeze_dims(ctx.dims(a), reason)
+            return
+        if node.op == "get_attr":
+            if isinstance(value, torch.Tensor):
+                t = _get_attr(self.traced.root, str(node.target))
+                self.dims[node.name] = self.param_dims(t, str(node.target))
+                rec = self.layers.get(str(node.target))
+                if rec is None:
+                    self.layers[str(node.target)] = LayerRecord(
+                        path=str(node.target), kind="param", module=None, params={"": id(t)}
+                    )
+            else:
+                self.dims[node.name] = None
+            return
+        module = self.traced.module(str(node.target)) if node.op == "call_module" else None
+        ctx = RuleContext(self, node, module)
+        rule = _ops.lookup(node, module)
+        if rule is None:
+            out = ctx.opaque() if _has_tensor(value) or ctx.tensor_args() else None
+        else:
+            out = rule(ctx)
+        if module is not None and self._user_frozen(str(node.target), module):
+            reason = f"frozen by the user (freeze= names `{node.target}`)"
+            for a in ctx.tensor_args():
+                ctx.freeze_dims(ctx.dims(a), reason)
+            ctx.freeze_dims(out, reason)
+            for _, t in module.named_parameters():
+                if id(t) in self.params:
+                    ctx.freeze_dims(self.params[id(t)].dims, reason)
+        self.dims[node.name] = out
+        self.kinds[node.name] = "conv" if ctx.is_conv else "non-conv"
+
+    def _user_frozen(self, path: str, module: nn.Module) -> bool:
+        if path in self.freeze_paths:
+            return True
+        if any(path.startswith(p + ".") for p in self.freeze_paths):
+            return True
+        return bool(self.freeze_types) and isinstance(module, self.freeze_types)
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _get_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, tuple | list):
+        return any(_has_tensor(v) for v in value)
+    return False
+
+
+def _fixed_value(slots: Slots, value: Any, what: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(
+            slots.layout(int(s), reason=f"{what} (dim {d}) is fixed")
+            for d, s in enumerate(value.shape)
+        )
+    if isinstance(value, tuple | list):
+        return tuple(_fixed_value(slots, v, what) for v in value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def solve_channels(
+    traced: Traced,
+    *,
+    freeze: Iterable[Any] = (),
+    name: str | None = None,
+) -> tuple[ChannelGraph, Solution]:
+    """Solve the channel constraints of a shape-annotated trace.
+
+    Args:
+        traced: output of :func:`fxconet.passes.trace.trace_model` after
+            :func:`~fxconet.passes.trace.propagate_shapes`.
+        freeze: module paths or types whose input and output widths must not change.
+        name: model name for the IR.
+
+    Returns:
+        The :class:`~fxconet.ir.ChannelGraph` and the :class:`Solution` the rewrite needs.
+
+    Example:
+        >>> traced = trace_model(model); propagate_shapes(traced, (x,))
+        >>> graph, solution = solve_channels(traced)
+    """
+    solver = _Solver(traced, freeze)
+    solver.run()
+    solution = Solution(
+        traced=traced,
+        slots=solver.slots,
+        dims=solver.dims,
+        params=solver.params,
+        layers=solver.layers,
+        rewrites=solver.rewrites,
+        kinds=solver.kinds,
+        provenance=solver.provenance,
+        needs_probe=solver.needs_probe,
+    )
+    return build_graph(solution, name or traced.name), solution
+
+
+def _iter_dims(d: Any) -> Iterable[Layout]:
+    if d is None:
+        return
+    if _is_layout(d):
+        yield d
+        return
+    for x in d:
+        yield from _iter_dims(x)
+
+
+def build_graph(solution: Solution, name: str) -> ChannelGraph:
+    """Number the groups (graph order of first appearance) and build the IR."""
+    slots = solution.slots
+    group_of: dict[int, int] = {}
+    leaf_of: list[int] = []
+
+    def visit(layout: Layout) -> None:
+        for v in slots.leaves(layout):
+            if slots.produced[v] and v not in group_of:
+                group_of[v] = len(leaf_of)
+                leaf_of.append(v)
+
+    graph = solution.traced.graph
+    for node in graph.nodes:
+        for layout in _iter_dims(solution.dims.get(node.name)):
+            visit(layout)
+    for rec in solution.params.values():
+        for layout in rec.dims:
+            visit(layout)
+
+    n = len(leaf_of)
+    unit = [0] * n
+    producers: list[list[str]] = [[] for _ in range(n)]
+    consumers: list[list[str]] = [[] for _ in range(n)]
+    touched: list[list[str]] = [[] for _ in range(n)]
+    layer_of_tensor: dict[int, str] = {}
+    for rec in solution.layers.values():
+        for tid in rec.params.values():
+            layer_of_tensor.setdefault(tid, rec.path)
+
+    for tid, prec in solution.params.items():
+        owner = layer_of_tensor.get(tid, prec.path)
+        for d, layout in enumerate(prec.dims):
+            role = prec.roles.get(d)
+            for o, v, i in slots.expand(layout):
+                g = group_of.get(v)
+                if g is None:
+                    continue
+                _add(touched[g], owner)
+                if role == "out" and prec.producer:
+                    _add(producers[g], owner)
+                    m = o * i
+                    unit[g] = m if unit[g] == 0 else min(unit[g], m)
+                elif role == "in":
+                    _add(consumers[g], owner)
+    for rec in solution.layers.values():
+        for layout in (rec.in_layout, rec.out_layout, *rec.notes.get("layouts", ())):
+            if layout is None:
+                continue
+            for v in slots.leaves(layout):
+                g = group_of.get(v)
+                if g is not None:
+                    _add(touched[g], rec.path)
+
+    groups = []
+    for g, v in enumerate(leaf_of):
+        u = unit[g] or 1
+        size = slots.size[v] * u
+        reason = slots.reason[v]
+        groups.append(
+            ChannelGroup(
+                id=g,
+                size=size,
+                divisor=u,
+                frozen=reason is not None,
+                reason=reason,
+                producers=tuple(producers[g]),
+                consumers=tuple(consumers[g]),
+                layers=tuple(touched[g]),
+                exact=not slots.inexact[v],
+            )
+        )
+    solution.group_of = group_of
+    solution.leaf_of = leaf_of
+    solution.unit = [u or 1 for u in unit]
+
+    layers = []
+    for rec in solution.layers.values():
+        if rec.kind == "param":
+            continue
+        nparams = sum(
+            solution.params[tid].tensor.numel()
+            for name, tid in rec.params.items()
+            if tid in solution.params and isinstance(solution.params[tid].tensor, nn.Parameter)
+        )
+        layers.append(
+            LayerInfo(
+                path=rec.path,
+                kind=rec.kind,
+                in_groups=_group_ids(slots, group_of, rec.in_layout),
+                out_groups=_group_ids(slots, group_of, rec.out_layout),
+                params=nparams,
+            )
+        )
+    tensors, edges = _dag(solution, group_of)
+    return ChannelGraph(
+        groups=tuple(groups),
+        layers=tuple(layers),
+        tensors=tensors,
+        edges=edges,
+        model_name=name,
+        state=solution,
+    )
+
+
+def _add(items: list[str], item: str) -> None:
+    if item not in items:
+        items.append(item)
+
+
+def _group_ids(slots: Slots, group_of: dict[int, int], layout: Layout | None) -> tuple[int, ...]:
+    if layout is None:
+        return ()
+    out: list[int] = []
+    for v in slots.leaves(layout):
+        g = group_of.get(v)
+        if g is not None and g not in out:
+            out.append(g)
+    return tuple(out)
+
+
+def _dag(
+    solution: Solution, group_of: dict[int, int]
+) -> tuple[tuple[TensorInfo, ...], tuple[EdgeInfo, ...]]:
+    slots = solution.slots
+    tensors: list[TensorInfo] = []
+    edges: list[EdgeInfo] = []
+    is_tensor: set[str] = set()
+    for node in solution.traced.graph.nodes:
+        value = node.meta[META_KEY].value
+        d = solution.dims.get(node.name)
+        if not isinstance(value, torch.Tensor) or d is None or not _is_layout(d[0] if d else ()):
+            continue
+        channel_dim = None
+        ids: tuple[int, ...] = ()
+        for i, layout in enumerate(d):
+            gids = _group_ids(slots, group_of, layout)
+            if gids:
+                channel_dim, ids = i, gids
+                break
+        tensors.append(TensorInfo(node.name, tuple(value.shape), channel_dim, ids))
+        is_tensor.add(node.name)
+        kind = solution.kinds.get(node.name, "non-conv")
+        op = (
+            str(node.target)
+            if node.op == "call_module"
+            else getattr(node.target, "__name__", str(node.target))
+        )
+        seen: set[str] = set()
+        for inp in node.all_input_nodes:
+            if inp.name in is_tensor and inp.name not in seen:
+                seen.add(inp.name)
+                edges.append(EdgeInfo(inp.name, node.name, op, kind))
+    return tuple(tensors), tuple(edges)

@@ -1,0 +1,638 @@
+"""Front end: symbolic tracing and shape propagation.
+
+``trace`` turns a model into a ``torch.fx`` graph whose every node carries, in
+``node.meta[META_KEY]``, a :class:`NodeInfo` with the node's value computed on the ``meta``
+device (shapes and dtypes, no data) and the module path it came from.
+
+Shape propagation does no real compute: common ops have closed-form shape rules, everything else
+runs on ``meta`` tensors (module parameters are swapped for ``meta`` copies, which cost nothing).
+Only an op without a meta kernel falls back to running on zero tensors on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxconet.errors import ShapeError, TraceError
+
+__all__ = [
+    "META_KEY",
+    "NodeInfo",
+    "Traced",
+    "describe_node",
+    "normalize_inputs",
+    "propagate_shapes",
+    "trace",
+    "trace_model",
+]
+
+META_KEY = "fxconet"  # the one node.meta key fxconet writes
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What the passes know about a node (stored in ``node.meta[META_KEY]``).
+
+    Attributes:
+        value: the node's value on the ``meta`` device: a tensor, a tuple/list of tensors, a
+            ``torch.Size``, an int, or any other Python value the node computes.
+        scope: path of the module whose ``forward`` created the node ("" for the root).
+        kind: ``"conv"`` or ``"non-conv"`` once :func:`fxconet.passes.label_edges` ran.
+    """
+
+    value: Any
+    scope: str = ""
+    kind: str | None = None
+
+
+@dataclass
+class Traced:
+    """A traced model before a GraphModule is built (building one costs a code compile).
+
+    Attributes:
+        root: a structural copy of the user's model that shares its parameters and buffers.
+        graph: the traced graph; nodes carry :class:`NodeInfo` after :func:`propagate_shapes`.
+        name: the model's class name.
+    """
+
+    root: nn.Module
+    graph: torch.fx.Graph
+    name: str
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    def module(self, path: str) -> nn.Module:
+        """The submodule at ``path`` of the traced copy."""
+        mod = self.modules.get(path)
+        if mod is None:
+            mod = self.root.get_submodule(path)
+            self.modules[path] = mod
+        return mod
+
+    def graph_module(self) -> torch.fx.GraphModule:
+        """Build (once) the GraphModule of the traced copy."""
+        gm = self.__dict__.get("_gm")
+        if gm is None:
+            gm = torch.fx.GraphModule(self.root, self.graph, self.name)
+            self.__dict__["_gm"] = gm
+        return gm
+
+
+def describe_node(node: torch.fx.Node) -> str:
+    """One-line description of a node for error messages: name, op, target and module path."""
+    info = node.meta.get(META_KEY)
+    scope = info.scope if isinstance(info, NodeInfo) else ""
+    if node.op == "call_module":
+        where = f"module `{node.target}`"
+    elif scope:
+        where = f"in module `{scope}`"
+    else:
+        where = "in the model's forward"
+    target = node.target
+    name = getattr(target, "__name__", None) or str(target)
+    module = getattr(target, "__module__", None)
+    if node.op == "call_function" and module and module not in ("_operator", "builtins"):
+        name = f"{module}.{name}"
+    return f"node `{node.name}` ({node.op} {name}, {where})"
+
+
+# ---------------------------------------------------------------------------------------------
+# tracing
+
+
+class _Tracer(torch.fx.Tracer):
+    """A tracer with user leaf modules, a module stack for error messages, and node scopes."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: frozenset[str]) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_paths = leaf_paths
+        self.stack: list[str] = []
+        self.failed_at: list[str] | None = None
+        self.scopes: dict[torch.fx.Node, str] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths or (
+            self.leaf_types and isinstance(m, self.leaf_types)
+        ):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        try:
+            path = self.path_of_module(m)
+        except NameError as e:
+            raise TraceError(
+                f"a {type(m).__name__} called inside `{self.stack[-1] if self.stack else ''}` "
+                "is not a registered submodule (created inside forward?); register it in "
+                "__init__ so it has a module path"
+            ) from e
+        self.stack.append(path)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = list(self.stack)
+            raise
+        finally:
+            self.stack.pop()
+
+    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        node = super().create_node(*args, **kwargs)
+        self.scopes[node] = self.stack[-1] if self.stack else ""
+        return node
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """Copy the module tree but share parameters and buffers (tracing must not mutate the user's
+    modules, and copying weights would cost memory and time)."""
+    memo: dict[int, Any] = {}
+    for t in model.parameters():
+        memo[id(t)] = t
+    for t in model.buffers():
+        memo[id(t)] = t
+    return copy.deepcopy(model, memo)
+
+
+def _leaf_spec(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], frozenset[str]]:
+    types, paths = [], []
+    for item in leaf_modules:
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        elif isinstance(item, str):
+            paths.append(item)
+        else:
+            raise TypeError(
+                f"leaf_modules entries must be nn.Module subclasses or module paths, got {item!r}"
+            )
+    return tuple(types), frozenset(paths)
+
+
+def trace_model(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> Traced:
+    """Symbolically trace a structural copy of ``model`` (no shapes yet).
+
+    Raises:
+        TraceError: naming the module path that failed, the reason, and the workaround.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    root = _structural_copy(model)
+    leaf_types, leaf_paths = _leaf_spec(leaf_modules)
+    missing = [p for p in leaf_paths if p and not _has_submodule(root, p)]
+    if missing:
+        raise TraceError(f"leaf_modules names unknown module paths {sorted(missing)}")
+    tracer = _Tracer(leaf_types, leaf_paths)
+    name = type(model).__name__
+    try:
+        graph = tracer.trace(root, concrete_args=dict(concrete_args) if concrete_args else None)
+    except TraceError:
+        raise
+    except Exception as e:
+        where = tracer.failed_at[-1] if tracer.failed_at else ""
+        mod = root.get_submodule(where) if where else root
+        location = f"module `{where}` ({type(mod).__name__})" if where else f"{name}.forward"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = (
+            f"pass leaf_modules=[{type(mod).__name__}] (or the path {where!r}) to keep it opaque"
+            if where
+            else "pass leaf_modules=[...] for the offending submodule"
+        )
+        raise TraceError(
+            f"cannot trace {location}: {type(e).__name__}: {reason}. Fix: {hint}, or fix the "
+            "control flow with concrete_args={...}"
+        ) from e
+    for node, scope in tracer.scopes.items():
+        node.meta[META_KEY] = NodeInfo(value=None, scope=scope)
+    return Traced(root=root, graph=graph, name=name)
+
+
+def _has_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Turn a tensor, a sequence of inputs or a mapping of keyword inputs into (args, kwargs)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        "example_inputs must be a tensor, a tuple/list of inputs or a dict of keyword inputs, "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> torch.fx.GraphModule:
+    """Trace a copy of ``model`` into a GraphModule with a :class:`NodeInfo` on every node.
+
+    Example:
+        >>> gm = trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+        >>> gm.graph.find_nodes(op="call_module", target="conv1")[0].meta[META_KEY].value.shape
+        torch.Size([1, 64, 112, 112])
+    """
+    traced = trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    args, kwargs = normalize_inputs(example_inputs)
+    propagate_shapes(traced, args, kwargs)
+    return traced.graph_module()
+
+
+# ---------------------------------------------------------------------------------------------
+# shape propagation on the meta device
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            return value
+        out = torch.empty_like(value, device="meta")
+        if isinstance(value, nn.Parameter):
+            out = nn.Parameter(out, requires_grad=value.requires_grad)
+        return out
+    if isinstance(value, tuple | list):
+        return type(value)(_to_meta(v) for v in value) if not _is_namedtuple(value) else value
+    return value
+
+
+def _is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def meta_module(module: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
+    """A shallow copy of ``module`` (and its children) whose tensors live on ``meta`` and whose
+    hooks are dropped, so running it costs nothing and touches no user state."""
+    hit = cache.get(id(module))
+    if hit is not None:
+        return hit
+    new = copy.copy(module)  # a new __dict__, shallow
+    d = new.__dict__
+    d["_parameters"] = {k: _to_meta(p) for k, p in module._parameters.items()}
+    d["_buffers"] = {k: _to_meta(b) for k, b in module._buffers.items()}
+    d["_modules"] = {
+        k: (meta_module(c, cache) if c is not None else None) for k, c in module._modules.items()
+    }
+    for hooks in (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    ):
+        if hooks in d:
+            d[hooks] = type(d[hooks])()
+    cache[id(module)] = new
+    return new
+
+
+def _same(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0]
+
+
+def _broadcast(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if len(tensors) == 1 and tensors[0].dtype.is_floating_point:
+        return tensors[0]
+    if len(tensors) == 2 and tensors[0].dtype == tensors[1].dtype:
+        a, b = tensors
+        if a.shape == b.shape:
+            return a
+        return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device="meta")
+    return None  # fall back to running the op
+
+
+def _flatten(x: torch.Tensor, start: int = 0, end: int = -1) -> torch.Tensor:
+    return x.flatten(start, end)  # view on meta: constant time
+
+
+def _linear_shape(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.empty((*x.shape[:-1], mod.out_features), dtype=x.dtype, device="meta")
+
+
+def _adaptive_pool_shape(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    size = mod.output_size  # type: ignore[attr-defined]
+    k = 2 if isinstance(mod, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d) else None
+    if k is None or getattr(mod, "return_indices", False):
+        return None
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if any(s is None for s in size):
+        size = tuple(x.shape[-2 + i] if s is None else s for i, s in enumerate(size))
+    return torch.empty((*x.shape[:-2], *size), dtype=x.dtype, device="meta")
+
+
+_SAME_MODULES: tuple[type, ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Mish,
+    nn.ELU,
+    nn.SELU,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.Softmax,
+    nn.LogSoftmax,
+)
+
+_SAME_FUNCTIONS: set[Any] = {
+    torch.relu,
+    torch.relu_,
+    torch.sigmoid,
+    torch.tanh,
+    torch.nn.functional.relu,
+    torch.nn.functional.relu6,
+    torch.nn.functional.gelu,
+    torch.nn.functional.silu,
+    torch.nn.functional.hardswish,
+    torch.nn.functional.hardsigmoid,
+    torch.nn.functional.leaky_relu,
+    torch.nn.functional.dropout,
+    torch.nn.functional.softmax,
+    torch.nn.functional.layer_norm,
+    torch.nn.functional.group_norm,
+    torch.nn.functional.batch_norm,
+    operator.neg,
+}
+_SAME_METHODS = {
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "contiguous",
+    "clone",
+    "detach",
+    "softmax",
+    "neg",
+}
+_BROADCAST_FUNCTIONS: set[Any] = {
+    operator.add,
+    operator.iadd,
+    operator.sub,
+    operator.isub,
+    operator.mul,
+    operator.imul,
+    operator.truediv,
+    torch.add,
+    torch.mul,
+    torch.sub,
+}
+_BROADCAST_METHODS = {"add", "add_", "mul", "mul_", "sub", "div"}
+
+
+def _fast_module(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0]
+    t = type(mod)
+    if t in _SAME_MODULE_SET:
+        return x
+    if t is nn.Linear:
+        return _linear_shape(mod, x)  # type: ignore[arg-type]
+    if t is nn.Flatten:
+        return x.flatten(mod.start_dim, mod.end_dim)  # type: ignore[arg-type]
+    if t in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
+        return _adaptive_pool_shape(mod, x)
+    return None
+
+
+_SAME_MODULE_SET = frozenset(_SAME_MODULES)
+
+
+def _fast_function(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if target in _SAME_FUNCTIONS:
+        if args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        return None
+    if target in _BROADCAST_FUNCTIONS:
+        return _broadcast(args, kwargs)
+    if target is torch.flatten and args and isinstance(args[0], torch.Tensor):
+        return args[0].flatten(*args[1:], **kwargs)
+    if target is operator.getitem and isinstance(args[0], tuple | list | torch.Size):
+        return args[0][args[1]]
+    return None
+
+
+def _fast_method(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if not args or not isinstance(args[0], torch.Tensor):
+        return None
+    if name in _SAME_METHODS:
+        return args[0]
+    if name in _BROADCAST_METHODS:
+        return _broadcast(args, kwargs)
+    return None
+
+
+def _materialize(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        return torch.zeros(value.shape, dtype=value.dtype)
+    if isinstance(value, tuple | list) and not _is_namedtuple(value):
+        return type(value)(_materialize(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _materialize(v) for k, v in value.items()}
+    return value
+
+
+def _run_on_zeros(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with torch.no_grad():
+        out = fn(*_materialize(args), **_materialize(kwargs))
+    return _to_meta(out)
+
+
+def _load_arg(env: dict[torch.fx.Node, Any], a: Any) -> Any:
+    return torch.fx.node.map_arg(a, lambda n: env[n])
+
+
+def propagate_shapes(
+    traced: Traced,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    modules: Mapping[str, nn.Module] | None = None,
+    check: Callable[[torch.fx.Node, Any], None] | None = None,
+) -> dict[torch.fx.Node, Any]:
+    """Compute every node's value on the ``meta`` device and store it in its :class:`NodeInfo`.
+
+    Args:
+        traced: the traced model.
+        args, kwargs: example inputs (real or meta tensors; only shapes and dtypes are used).
+        modules: replacement modules by path (the rewrite's verifier passes resized ones); when
+            given, node metadata is left untouched and only the values are returned.
+        check: called with each node and its value (the verifier compares shapes there).
+
+    Raises:
+        ShapeError: an op failed, naming the node, op and module path.
+    """
+    kwargs = dict(kwargs or {})
+    cache: dict[int, nn.Module] = {}
+    env: dict[torch.fx.Node, Any] = {}
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    inputs = _bind_placeholders(placeholders, args, kwargs)
+    record = modules is None
+    for node in traced.graph.nodes:
+        try:
+            value = _eval_node(traced, node, env, inputs, cache, modules)
+        except ShapeError:
+            raise
+        except Exception as e:
+            raise ShapeError(
+                f"{describe_node(node)} failed during shape propagation: "
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                " (do the example inputs fit the model?)"
+            ) from e
+        env[node] = value
+        if record:
+            info = node.meta.get(META_KEY)
+            scope = info.scope if isinstance(info, NodeInfo) else ""
+            node.meta[META_KEY] = NodeInfo(value=value, scope=scope)
+        if check is not None:
+            check(node, value)
+    return env
+
+
+def _bind_placeholders(
+    placeholders: list[torch.fx.Node], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[torch.fx.Node, Any]:
+    bound: dict[torch.fx.Node, Any] = {}
+    pos = list(args)
+    for ph in placeholders:
+        name = str(ph.target).lstrip("*")
+        if name in kwargs:
+            bound[ph] = _to_meta(kwargs.pop(name))
+        elif pos:
+            bound[ph] = _to_meta(pos.pop(0))
+        elif ph.args:  # default value recorded by the tracer
+            bound[ph] = _to_meta(ph.args[0])
+        else:
+            raise ShapeError(
+                f"no example input for the model's argument `{name}`; pass it in example_inputs"
+            )
+    if pos or kwargs:
+        extra = len(pos) if pos else sorted(kwargs)
+        raise ShapeError(
+            f"too many example inputs ({extra} left over) for the traced forward's "
+            f"arguments {[str(p.target) for p in placeholders]}"
+        )
+    return bound
+
+
+def _eval_node(
+    traced: Traced,
+    node: torch.fx.Node,
+    env: dict[torch.fx.Node, Any],
+    inputs: dict[torch.fx.Node, Any],
+    cache: dict[int, nn.Module],
+    modules: Mapping[str, nn.Module] | None,
+) -> Any:
+    op = node.op
+    if op == "placeholder":
+        return inputs[node]
+    if op == "output":
+        return _load_arg(env, node.args[0])
+    if op == "get_attr":
+        target = str(node.target)
+        value = modules.get(target) if modules is not None and target in modules else None
+        if value is None:
+            value = _get_attr(traced.root, target)
+        return _to_meta(value)
+    args = _load_arg(env, node.args)
+    kwargs = _load_arg(env, node.kwargs)
+    if op == "call_module":
+        path = str(node.target)
+        mod = modules.get(path) if modules is not None else None
+        if mod is None:
+            mod = traced.module(path)
+        out = _fast_module(mod, args, kwargs)
+        if out is not None:
+            return out
+        mm = meta_module(mod, cache)
+        try:
+            with torch.no_grad():
+                return mm(*args, **kwargs)
+        except (NotImplementedError, RuntimeError):
+            return _run_on_zeros(_real_copy(mm), args, kwargs)
+    if op == "call_function":
+        out = _fast_function(node.target, args, kwargs)
+        if out is not None:
+            return out
+        try:
+            with torch.no_grad():
+                return node.target(*args, **kwargs)  # type: ignore[operator]
+        except (NotImplementedError, RuntimeError):
+            return _run_on_zeros(node.target, args, kwargs)  # type: ignore[arg-type]
+    if op == "call_method":
+        name = str(node.target)
+        out = _fast_method(name, args, kwargs)
+        if out is not None:
+            return out
+        self_obj, *rest = args
+        try:
+            with torch.no_grad():
+                return getattr(self_obj, name)(*rest, **kwargs)
+        except (NotImplementedError, RuntimeError):
+            return _run_on_zeros(lambda s, *a, **k: getattr(s, name)(*a, **k), args, kwargs)
+    raise ShapeError(f"{describe_node(node)}: unknown fx op {op!r}")
+
+
+def _get_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _real_copy(mm: nn.Module) -> nn.Module:
+    """A CPU copy of a meta module with zero weights (fallback for ops without meta kernels)."""
+    real = copy.deepcopy(mm)
+    real.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*real.parameters(), *real.buffers()]:
+            t.zero_()
+    return real
