@@ -1,0 +1,363 @@
+"""Saving and exporting resized models.
+
+Four ways out of fxconet, from the most to the least Python-bound:
+
+* :func:`save` / :func:`load`: ``torch.save`` of the GraphModule. A GraphModule is pickled as its
+  generated code plus modules, so loading needs ``torch.load(path, weights_only=False)``, which
+  runs code from the file: only load files you trust. (``weights_only=True``, the default since
+  PyTorch 2.6, refuses GraphModules.)
+* :func:`to_code` / :func:`save_code` / :func:`load_code`: plain Python source of an
+  ``nn.Module`` (constructor calls of ``torch.nn`` layers plus the ``forward`` that fx generated)
+  and a state dict that loads with ``weights_only=True``. Rebuilding needs neither fxconet nor the
+  original model class.
+* :func:`export_program`: ``torch.export.export`` of the resized model.
+* :func:`export_onnx`: ONNX through ``torch.onnx.export`` (needs the ``[export]`` extra:
+  ``onnx``, ``onnxscript``; ``onnxruntime`` to run it).
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import inspect
+import math
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxconet.errors import FxconetError
+from fxconet.passes.trace import normalize_inputs
+
+__all__ = [
+    "ExportError",
+    "export_onnx",
+    "export_program",
+    "load",
+    "load_code",
+    "save",
+    "save_code",
+    "to_code",
+]
+
+
+class ExportError(FxconetError, RuntimeError):
+    """A model cannot be written in the requested form (the message says which part)."""
+
+
+def save(gm: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """``torch.save`` the whole module; load it with :func:`load` (trusted files only).
+
+    Example:
+        >>> fxconet.export.save(gm, "resized.pt")
+        >>> gm2 = fxconet.export.load("resized.pt")
+    """
+    path = Path(path)
+    torch.save(gm, path)
+    return path
+
+
+def load(path: str | os.PathLike[str], *, map_location: Any = None) -> nn.Module:
+    """Load a module written by :func:`save`.
+
+    This calls ``torch.load(path, weights_only=False)``: unpickling runs code, so only load files
+    you trust. For untrusted weights use :func:`save_code`/:func:`load_code`, whose state dict
+    loads with ``weights_only=True``.
+    """
+    return torch.load(Path(path), map_location=map_location, weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python source
+
+
+def _literal(value: Any, where: str) -> str:
+    if value is None or isinstance(value, bool | int | str):
+        return repr(value)
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return f"float({str(value)!r})"
+        return repr(value)
+    if isinstance(value, tuple | list):
+        inner = ", ".join(_literal(v, where) for v in value)
+        if isinstance(value, tuple):
+            return f"({inner},)" if len(value) == 1 else f"({inner})"
+        return f"[{inner}]"
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, torch.Size):
+        return _literal(tuple(value), where)
+    raise ExportError(f"{where}: cannot write {type(value).__name__} {value!r} as Python code")
+
+
+def _qualified(obj: Any) -> tuple[str, str]:
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None)
+    if not module or not qualname or "<" in qualname:
+        raise ExportError(f"{obj!r} has no importable name")
+    return module, qualname
+
+
+def _constructor(path: str, m: nn.Module, imports: dict[str, str]) -> str:
+    """A constructor call rebuilding leaf module ``m`` from its attributes."""
+    cls = type(m)
+    module, qualname = _qualified(cls)
+    alias = "_" + qualname.replace(".", "_")
+    imports[alias] = f"from {module} import {qualname.split('.')[0]} as {alias}"
+    if "." in qualname:
+        raise ExportError(f"module `{path}`: nested class {qualname} cannot be imported")
+    sig = inspect.signature(cls.__init__)
+    parts = []
+    for name, p in list(sig.parameters.items())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name in ("device", "dtype"):
+            continue
+        if name in m._parameters or name in m._buffers:
+            value: Any = (
+                m._parameters.get(name) if name in m._parameters else m._buffers[name]
+            ) is not None
+        elif name in m.__dict__ or hasattr(type(m), name) and not callable(getattr(type(m), name)):
+            value = getattr(m, name)
+        elif p.default is not p.empty:
+            continue
+        else:
+            raise ExportError(
+                f"module `{path}` ({cls.__name__}): constructor argument {name!r} is not an "
+                "attribute of the module, so it cannot be rebuilt from code"
+            )
+        if isinstance(value, nn.Module | torch.Tensor):
+            raise ExportError(
+                f"module `{path}` ({cls.__name__}): argument {name!r} is a {type(value).__name__}"
+            )
+        parts.append(f"{name}={_literal(value, f'module `{path}` argument {name!r}')}")
+    return f"{alias}({', '.join(parts)})"
+
+
+def _import_lines(globals_: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, obj in sorted(globals_.items()):
+        if name in ("inf", "nan"):
+            lines.append(f"from math import {name}")
+        elif name == "NoneType":
+            lines.append("NoneType = type(None)")
+        elif isinstance(obj, types.ModuleType):
+            lines.append(
+                f"import {obj.__name__} as {name}" if obj.__name__ != name else f"import {name}"
+            )
+        elif getattr(builtins, name, None) is obj:
+            continue
+        else:
+            module, qualname = _qualified(obj)
+            if "." in qualname:
+                raise ExportError(f"the graph calls {module}.{qualname}, which cannot be imported")
+            lines.append(
+                f"from {module} import {qualname} as {name}"
+                if qualname != name
+                else f"from {module} import {name}"
+            )
+    return lines
+
+
+def _owned_tensors(gm: nn.Module, leaves: set[str]) -> list[tuple[str, str, torch.Tensor]]:
+    """Tensors that no leaf module owns: (owner path, attribute, tensor), incl. fx constants."""
+    out = []
+    for path, mod in gm.named_modules():
+        if path in leaves or any(path.startswith(p + ".") for p in leaves if p):
+            continue
+        for name, t in mod._parameters.items():
+            if t is not None:
+                out.append((path, name, t))
+        for name, t in mod._buffers.items():
+            if t is not None:
+                out.append((path, name, t))
+        for name, v in mod.__dict__.items():
+            if (
+                isinstance(v, torch.Tensor)
+                and name not in mod._parameters
+                and name not in mod._buffers
+            ):
+                out.append((path, name, v))
+    return out
+
+
+def _leaf_paths(gm: torch.fx.GraphModule) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+
+
+def to_code(gm: torch.fx.GraphModule, class_name: str = "FxconetModel") -> str:
+    """Python source of an ``nn.Module`` equivalent to ``gm`` (load weights separately).
+
+    The class builds every layer with its constructor (``Conv2d(32, 64, kernel_size=(3, 3),
+    ...)``) at the same module paths as ``gm``, so ``gm.state_dict()`` loads into it.
+
+    Raises:
+        ExportError: a layer or function cannot be written as importable code.
+
+    Example:
+        >>> print(fxconet.export.to_code(gm))
+    """
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise ExportError(f"to_code needs a torch.fx.GraphModule, got {type(gm).__name__}")
+    if not class_name.isidentifier():
+        raise ExportError(f"class_name {class_name!r} is not a Python identifier")
+    python_code = gm.graph.python_code(root_module="self")
+    imports: dict[str, str] = {}
+    leaves = _leaf_paths(gm)
+    body = ["        super().__init__()"]
+    made: set[str] = {""}
+
+    def ensure(path: str) -> None:
+        if path in made:
+            return
+        parent, _, name = path.rpartition(".")
+        ensure(parent)
+        body.append(f"        _at(self, {parent!r}).add_module({name!r}, _nn.Module())")
+        made.add(path)
+
+    for path in sorted(leaves, key=lambda p: (p.count("."), p)):
+        mod = gm.get_submodule(path)
+        parent, _, name = path.rpartition(".")
+        ensure(parent)
+        if mod is not None and type(mod) is not nn.Module:
+            ctor = _constructor(path, mod, imports)
+            body.append(f"        _at(self, {parent!r}).add_module({name!r}, {ctor})")
+        else:
+            ensure(path)
+        made.add(path)
+    for path, name, t in _owned_tensors(gm, leaves):
+        ensure(path)
+        shape = _literal(tuple(t.shape), f"tensor `{path}.{name}`")
+        empty = f"_torch.empty({shape}, dtype={t.dtype})"
+        if isinstance(t, nn.Parameter):
+            body.append(
+                f"        _at(self, {path!r}).register_parameter({name!r}, "
+                f"_nn.Parameter({empty}, requires_grad={t.requires_grad}))"
+            )
+        else:
+            body.append(f"        _at(self, {path!r}).register_buffer({name!r}, {empty})")
+    header = [
+        '"""Generated by fxconet.export.to_code: a resized model as plain PyTorch."""',
+        "import torch as _torch",
+        "from torch import nn as _nn",
+        *_import_lines(python_code.globals),
+        *sorted(imports.values()),
+        "",
+        "",
+        "def _at(module, path):",
+        "    for name in filter(None, path.split('.')):",
+        "        module = getattr(module, name)",
+        "    return module",
+        "",
+        "",
+        f"class {class_name}(_nn.Module):",
+        "    def __init__(self):",
+    ]
+    # fx puts `wrap(...)` registrations of wrapped functions before `def forward`; they must
+    # run at module level
+    src_lines = python_code.src.strip("\n").splitlines()
+    wraps = [ln for ln in src_lines if ln.startswith("torch.fx._symbolic_trace.wrap(")]
+    forward = "\n".join("    " + ln if ln else ln for ln in src_lines if ln not in wraps)
+    if wraps:
+        at = header.index("def _at(module, path):")
+        header[at:at] = ["import torch", *wraps, "", ""]
+    return "\n".join([*header, *body, "", forward, ""])
+
+
+def _state(gm: nn.Module) -> dict[str, torch.Tensor]:
+    state = dict(gm.state_dict())
+    leaves = _leaf_paths(gm) if isinstance(gm, torch.fx.GraphModule) else set()
+    for path, name, t in _owned_tensors(gm, leaves):
+        key = f"{path}.{name}" if path else name
+        state.setdefault(key, t.detach())
+    return state
+
+
+def save_code(
+    gm: torch.fx.GraphModule,
+    folder: str | os.PathLike[str],
+    *,
+    class_name: str = "FxconetModel",
+) -> Path:
+    """Write ``model.py`` (from :func:`to_code`) and ``weights.pt`` (a plain state dict) to
+    ``folder``, check that they rebuild ``gm`` exactly, and return the folder.
+
+    Example:
+        >>> fxconet.export.save_code(gm, "resized/")
+        >>> model = fxconet.export.load_code("resized/")    # no fxconet needed: see load_code
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(to_code(gm, class_name))
+    torch.save({k: v.detach().cpu() for k, v in _state(gm).items()}, folder / "weights.pt")
+    (folder / "README.txt").write_text(
+        "Rebuild without fxconet:\n"
+        "    import importlib.util, torch\n"
+        "    spec = importlib.util.spec_from_file_location('m', 'model.py')\n"
+        "    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        f"    model = m.{class_name}()\n"
+        "    model.load_state_dict(torch.load('weights.pt', weights_only=True))\n"
+    )
+    rebuilt = load_code(folder, class_name=class_name)
+    mine, theirs = _state(gm), rebuilt.state_dict()
+    if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
+        raise ExportError(f"the code written to {folder} does not rebuild the same tensors")
+    return folder
+
+
+def load_code(
+    folder: str | os.PathLike[str], *, class_name: str = "FxconetModel", map_location: Any = "cpu"
+) -> nn.Module:
+    """Import ``model.py`` from ``folder`` and load ``weights.pt`` with ``weights_only=True``."""
+    folder = Path(folder)
+    source = folder / "model.py"
+    if not source.is_file():
+        raise ExportError(f"{source} does not exist (write it with save_code)")
+    name = f"_fxconet_generated_{abs(hash(str(folder.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    model = getattr(module, class_name)()
+    state = torch.load(folder / "weights.pt", map_location=map_location, weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export and ONNX
+
+
+def export_program(gm: nn.Module, example_inputs: Any, **kwargs: Any) -> Any:
+    """``torch.export.export`` of a (resized) model.
+
+    Example:
+        >>> ep = fxconet.export.export_program(gm, torch.randn(1, 3, 224, 224))
+    """
+    args, kw = normalize_inputs(example_inputs)
+    return torch.export.export(gm, args, kwargs=kw or None, **kwargs)
+
+
+def export_onnx(
+    gm: nn.Module, example_inputs: Any, path: str | os.PathLike[str], **kwargs: Any
+) -> Path:
+    """Export a model to ONNX at ``path`` (``torch.onnx.export`` with the dynamo exporter).
+
+    Needs the ``[export]`` extra (``pip install fxconet[export]``).
+
+    Example:
+        >>> fxconet.export.export_onnx(gm.eval(), torch.randn(1, 3, 224, 224), "resized.onnx")
+    """
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"ONNX export needs {missing}: pip install 'fxconet[export]'")
+    args, kw = normalize_inputs(example_inputs)
+    path = Path(path)
+    kwargs.setdefault("dynamo", True)
+    kwargs.setdefault("verbose", False)
+    torch.onnx.export(gm, args, str(path), kwargs=kw or None, **kwargs)
+    return path
