@@ -67,7 +67,9 @@ def analyze(
         >>> [g.size for g in graph.free][:3]
         [64, 64, 64]
     """
-    traced = trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    traced = trace_model(
+        model, leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs
+    )
     args, kwargs = normalize_inputs(example_inputs)
     propagate_shapes(traced, args, kwargs)
     graph, solution = solve_channels(traced, freeze=tuple(freeze), name=type(model).__name__)

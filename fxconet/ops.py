@@ -408,7 +408,8 @@ def _functional_conv(spatial: int, transposed: bool) -> Callable[[RuleContext], 
             return ctx.opaque()
         b = ctx.dims(bnode) if isinstance(bnode, torch.fx.Node) else None
         out, lin, lout, mult = _conv_core(ctx, x, w, b, groups, spatial, transposed)
-        _mark_param_roles(ctx, wnode, bnode, transposed, mult)
+        kind = "depthwise" if mult is not None else ("conv_transpose" if transposed else "conv")
+        _mark_param_roles(ctx, wnode, bnode, kind, lin, lout)
         if mult is not None and _variable(ctx, lin):
             args, kwargs = ctx.node.args, dict(ctx.node.kwargs)
 
@@ -424,34 +425,42 @@ def _functional_conv(spatial: int, transposed: bool) -> Callable[[RuleContext], 
 
 
 def _mark_param_roles(
-    ctx: RuleContext, wnode: Any, bnode: Any, transposed: bool, mult: Any
+    ctx: RuleContext,
+    wnode: Any,
+    bnode: Any,
+    kind: str,
+    lin: Layout | None,
+    lout: Layout | None,
 ) -> None:
-    """Raw parameters used by functional convs/linears get in/out roles like module weights."""
+    """Raw parameters used by functional convs/linears become a layer like a module's weight:
+    in/out roles, the bias attached to the weight's layer, and the layer's channel layouts."""
     solver = ctx.solver
-    for node in (wnode, bnode):
+
+    def record(node: Any) -> Any:
         if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
-            continue
-        rec = next((r for r in solver.params.values() if r.path == str(node.target)), None)
-        if rec is None:
-            continue
-        if node is wnode:
-            if mult is not None:
-                rec.roles[0] = "out"
-            elif transposed:
-                rec.roles.update({0: "in", 1: "out"})
-            else:
-                rec.roles.update({0: "out", 1: "in"})
-            rec.producer = mult is None
-            layer = solver.layers.get(rec.path)
-            if layer is not None:
-                layer.kind = (
-                    "depthwise"
-                    if mult is not None
-                    else ("conv_transpose" if transposed else "conv")
-                )
-        else:
-            rec.roles[0] = "out"
-            rec.producer = mult is None
+            return None
+        return next((r for r in solver.params.values() if r.path == str(node.target)), None)
+
+    w, b = record(wnode), record(bnode)
+    if w is None:
+        return
+    producer = kind != "depthwise"
+    if kind == "depthwise":
+        w.roles[0] = "out"
+    elif kind == "conv_transpose":
+        w.roles.update({0: "in", 1: "out"})
+    else:
+        w.roles.update({0: "out", 1: "in"})
+    w.producer = producer
+    layer = solver.layers[w.path]
+    layer.kind, layer.in_layout, layer.out_layout = kind, lin, lout
+    layer.notes["layouts"] = tuple(x for x in (lin, lout) if x is not None)
+    if b is not None:
+        b.roles[0] = "out"
+        b.producer = producer
+        if b.path in solver.layers and solver.layers[b.path].kind == "param":
+            del solver.layers[b.path]
+        layer.params["bias"] = id(b.tensor)
 
 
 def _linear_module(ctx: RuleContext) -> Any:
@@ -491,17 +500,7 @@ def _functional_linear(ctx: RuleContext) -> Any:
     ctx.produce(w[0])
     if isinstance(bnode, torch.fx.Node) and ctx.dims(bnode) is not None:
         ctx.tie(ctx.dims(bnode)[0], w[0])
-    _mark_param_roles(ctx, wnode, bnode, False, None)
-    rec = next(
-        (
-            r
-            for r in ctx.solver.params.values()
-            if isinstance(wnode, torch.fx.Node) and r.path == str(wnode.target)
-        ),
-        None,
-    )
-    if rec is not None and rec.path in ctx.solver.layers:
-        ctx.solver.layers[rec.path].kind = "linear"
+    _mark_param_roles(ctx, wnode, bnode, "linear", xd[-1], w[0])
     return (*xd[:-1], w[0])
 
 

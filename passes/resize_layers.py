@@ -110,7 +110,7 @@ def _channel_scores(solution: Solution, leaves: set[int]) -> dict[int, np.ndarra
     slots = solution.slots
     scores = {v: np.zeros(slots.size[v], dtype=np.float64) for v in leaves}
     for rec in solution.params.values():
-        if not rec.producer:
+        if not rec.producer or rec.tensor.dim() < 2:  # weights only, not biases
             continue
         for d, role in rec.roles.items():
             if role != "out":
@@ -385,6 +385,10 @@ def _get(mod: nn.Module, name: str) -> torch.Tensor:
 
 def _rewritten_graph(solution: Solution, plan: ResizePlan) -> torch.fx.Graph:
     graph = copy.deepcopy(solution.traced.graph)
+    # a pickled GraphModule re-traces itself with the graph's tracer class on load: the default
+    # tracer keeps loading independent of fxconet
+    graph._tracer_cls = None
+    graph._tracer_extras = None
     by_name = {n.name: n for n in graph.nodes}
     for name, fns in solution.rewrites.items():
         node = by_name[name]

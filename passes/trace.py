@@ -107,16 +107,93 @@ def describe_node(node: torch.fx.Node) -> str:
 # tracing
 
 
-class _Tracer(torch.fx.Tracer):
-    """A tracer with user leaf modules, a module stack for error messages, and node scopes."""
+class _ValueProxy(torch.fx.Proxy):
+    """A proxy that can be iterated when its value is a tuple or list of known length.
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: frozenset[str]) -> None:
+    ``list(x.chunk(2, 1))`` or ``for y in x.split(8, 1)`` fail with plain ``torch.fx`` because a
+    proxy has no length. Here the tracer computes the node's value on ``meta`` tensors (only for
+    the nodes that are iterated) and iterates over ``proxy[i]``. Sizes stay symbolic: ``len`` of a
+    tensor proxy is still an error, so no batch size is baked into the graph.
+    """
+
+    def _sequence_length(self) -> int | None:
+        tracer = self.tracer
+        if isinstance(tracer, _Tracer) and tracer.example is not None:
+            value = tracer.value_of(self.node)
+            if isinstance(value, tuple | list | torch.Size):
+                return len(value)
+        return None
+
+    def __iter__(self) -> Any:
+        n = self._sequence_length()
+        if n is not None:
+            return iter([self[i] for i in range(n)])
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        n = self._sequence_length()
+        if n is not None:
+            return n
+        return super().__len__()
+
+
+class _Tracer(torch.fx.Tracer):
+    """A tracer with user leaf modules, a module stack for error messages, node scopes, and
+    iterable proxies for tuple-valued nodes."""
+
+    def __init__(
+        self,
+        leaf_types: tuple[type, ...] = (),
+        leaf_paths: frozenset[str] = frozenset(),
+        example: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
         self.stack: list[str] = []
         self.failed_at: list[str] | None = None
         self.scopes: dict[torch.fx.Node, str] = {}
+        self.example = example
+        self.values: dict[torch.fx.Node, Any] = {}
+        self._cache: dict[int, nn.Module] = {}
+        self._inputs: dict[torch.fx.Node, Any] | None = None
+        self._evaluating = False  # computing values: modules run for real (on meta tensors)
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def value_of(self, node: torch.fx.Node) -> Any:
+        """The node's meta value, evaluating its not-yet-evaluated ancestors once."""
+        if node in self.values:
+            return self.values[node]
+        assert self.example is not None
+        order: list[torch.fx.Node] = []
+        stack = [node]
+        while stack:
+            n = stack[-1]
+            pending = [i for i in n.all_input_nodes if i not in self.values and i not in order]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            if n not in self.values and n not in order:
+                order.append(n)
+        if self._inputs is None:
+            placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+            self._inputs = _bind_placeholders(placeholders, *self.example)
+        view = Traced(root=self.root, graph=self.graph, name="")
+        self._evaluating = True
+        try:
+            for n in order:
+                self.values[n] = _eval_node(view, n, self.values, self._inputs, self._cache, None)
+        finally:
+            self._evaluating = False
+        return self.values[node]
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths or (
@@ -132,6 +209,8 @@ class _Tracer(torch.fx.Tracer):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
+        if self._evaluating:  # fx patches Module.__call__ while tracing; run the module itself
+            return forward(*args, **kwargs)
         try:
             path = self.path_of_module(m)
         except NameError as e:
@@ -186,8 +265,12 @@ def trace_model(
     *,
     leaf_modules: Iterable[type | str] = (),
     concrete_args: Mapping[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> Traced:
     """Symbolically trace a structural copy of ``model`` (no shapes yet).
+
+    With ``example_inputs``, tuple-valued nodes can be iterated while tracing
+    (``list(x.chunk(2, 1))``), which plain ``torch.fx`` refuses.
 
     Raises:
         TraceError: naming the module path that failed, the reason, and the workaround.
@@ -199,7 +282,11 @@ def trace_model(
     missing = [p for p in leaf_paths if p and not _has_submodule(root, p)]
     if missing:
         raise TraceError(f"leaf_modules names unknown module paths {sorted(missing)}")
-    tracer = _Tracer(leaf_types, leaf_paths)
+    example = None
+    if example_inputs is not None:
+        args, kwargs = normalize_inputs(example_inputs)
+        example = (tuple(_to_meta(a) for a in args), {k: _to_meta(v) for k, v in kwargs.items()})
+    tracer = _Tracer(leaf_types, leaf_paths, example)
     name = type(model).__name__
     try:
         graph = tracer.trace(root, concrete_args=dict(concrete_args) if concrete_args else None)
@@ -260,7 +347,9 @@ def trace(
         >>> gm.graph.find_nodes(op="call_module", target="conv1")[0].meta[META_KEY].value.shape
         torch.Size([1, 64, 112, 112])
     """
-    traced = trace_model(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    traced = trace_model(
+        model, leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs
+    )
     args, kwargs = normalize_inputs(example_inputs)
     propagate_shapes(traced, args, kwargs)
     return traced.graph_module()

@@ -1,0 +1,741 @@
+"""Unit tests of the analysis passes on tiny inline models, one per channel pattern.
+
+Each test asserts the exact groups (producers, sizes, frozen or free) and, where the pattern
+involves a rewrite, that a resize runs and removes zeroed channels without changing the output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxconet
+from fxconet import testing
+from fxconet.errors import ChannelError, TraceError
+
+
+def by_producers(graph: fxconet.ChannelGraph) -> dict[tuple[str, ...], fxconet.ChannelGroup]:
+    return {tuple(sorted(g.producers)): g for g in graph.groups}
+
+
+def assert_exact_removal(model: nn.Module, x: torch.Tensor, **kw) -> None:
+    result = testing.check_zero_removal(model.eval(), x, **kw)
+    assert result.ok, result
+    assert "groups shrunk" in result.note
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# patterns
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn2(self.c2(F.relu(self.bn1(self.c1(x)))))
+        x = F.relu(x + y)
+        return self.head(x.mean((2, 3)))
+
+
+def test_residual_add_ties_both_branches():
+    graph = fxconet.analyze(Residual(), torch.randn(2, 3, 8, 8))
+    groups = by_producers(graph)
+    assert set(groups) == {("c2", "stem"), ("c1",), ("head",)}
+    stream = groups[("c2", "stem")]
+    assert (stream.size, stream.frozen, stream.divisor) == (8, False, 1)
+    assert set(stream.consumers) == {"c1", "head"}
+    assert "bn2" in stream.layers
+    assert groups[("c1",)].size == 16 and groups[("c1",)].free
+    head = groups[("head",)]
+    assert head.frozen and head.reason == "model output"
+
+
+def test_residual_resize_and_exact_removal():
+    model, x = Residual().eval(), torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    stream = by_producers(graph)[("c2", "stem")].id
+    gm = fxconet.resize(graph, {stream: 5})
+    assert (gm.stem.out_channels, gm.c2.out_channels, gm.c1.in_channels) == (5, 5, 5)
+    assert gm.bn2.num_features == 5 and gm.bn2.running_mean.shape == (5,)
+    assert gm.head.in_features == 5
+    assert run(gm, x).shape == (2, 4)
+    assert_exact_removal(model, x)
+
+
+class Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c = nn.Conv2d(10, 5, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], dim=1)
+        return self.c(F.relu(self.bn(y))).sum((2, 3))
+
+
+def test_concat_keeps_inputs_independent():
+    model, x = Concat().eval(), torch.randn(2, 3, 6, 6)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    ga, gb = groups[("a",)], groups[("b",)]
+    assert (ga.size, gb.size) == (4, 6) and ga.free and gb.free
+    assert graph.layer("c").in_groups == (ga.id, gb.id)
+    assert graph.layer("bn").in_groups == (ga.id, gb.id)
+    gm = fxconet.resize(graph, {ga.id: 7, gb.id: 2})
+    assert (gm.c.in_channels, gm.bn.num_features) == (9, 9)
+    assert run(gm, x).shape == (2, 5)
+    assert_exact_removal(model, x)
+
+
+def test_growing_preserves_the_function():
+    model, x = Concat().eval(), torch.randn(2, 3, 6, 6)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    gm = fxconet.resize(graph, {groups[("a",)].id: 9, groups[("b",)].id: 11})
+    assert gm.c.in_channels == 20
+    torch.testing.assert_close(run(gm, x), run(model, x))
+    # new consumer inputs start at zero, new producer outputs get the default init (nonzero)
+    new_in = gm.c.weight[:, 4:9]
+    assert torch.count_nonzero(new_in) == 0
+    assert torch.count_nonzero(gm.a.weight[4:]) > 0
+    kept = fxconet.kept_channels(gm)
+    assert kept[groups[("a",)].id].tolist() == [0, 1, 2, 3, -1, -1, -1, -1, -1]
+
+
+class Separable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 12, 1)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.pw = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        x = F.relu6(self.bn1(self.expand(x)))
+        x = F.relu6(self.bn2(self.dw(x)))
+        return self.pw(x).mean((2, 3))
+
+
+def test_depthwise_is_a_non_conv_edge():
+    model, x = Separable().eval(), torch.randn(2, 3, 6, 6)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    assert set(groups) == {("expand",), ("pw",)}
+    g = groups[("expand",)]
+    assert {"dw", "bn1", "bn2"} <= set(g.layers)
+    assert graph.layer("dw").kind == "depthwise"
+    kinds = {e.dst: e.kind for e in graph.edges}
+    assert kinds["dw"] == "non-conv" and kinds["expand"] == "conv" and kinds["pw"] == "conv"
+    gm = fxconet.resize(graph, {g.id: 7})
+    assert (gm.dw.groups, gm.dw.in_channels, gm.dw.out_channels) == (7, 7, 7)
+    assert gm.dw.weight.shape == (7, 1, 3, 3)
+    assert_exact_removal(model, x)
+
+
+class Grouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 1)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.bn = nn.BatchNorm2d(16)
+        self.c3 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.c3(F.relu(self.bn(self.g(F.relu(self.c1(x)))))).sum((2, 3))
+
+
+def test_grouped_conv_keeps_widths_multiples_of_groups():
+    model, x = Grouped().eval(), torch.randn(2, 3, 6, 6)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    g_in, g_out = groups[("c1",)], groups[("g",)]
+    assert (g_in.size, g_in.divisor, g_out.size, g_out.divisor) == (16, 4, 16, 4)
+    with pytest.raises(ChannelError, match="multiple of 4"):
+        fxconet.resize(graph, {g_in.id: 10})
+    gm = fxconet.resize(graph, {g_in.id: 8, g_out.id: 12})
+    assert (gm.g.in_channels, gm.g.out_channels, gm.g.groups) == (8, 12, 4)
+    assert gm.g.weight.shape == (12, 2, 3, 3)
+    assert_exact_removal(model, x)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1 = nn.Conv2d(16, 4, 1)
+        self.fc2 = nn.Conv2d(4, 16, 1)
+        self.out = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.out(x * s).flatten(1, -1).sum(1, keepdim=True)
+
+
+def test_squeeze_excitation_multiply_ties_the_scale():
+    model, x = SqueezeExcite().eval(), torch.randn(2, 3, 6, 6)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    assert set(groups) == {("conv", "fc2"), ("fc1",), ("out",)}
+    assert groups[("conv", "fc2")].free and groups[("fc1",)].free
+    gm = fxconet.resize(graph, {groups[("conv", "fc2")].id: 9, groups[("fc1",)].id: 3})
+    assert (gm.fc2.out_channels, gm.conv.out_channels, gm.fc1.in_channels) == (9, 9, 9)
+    assert_exact_removal(model, x)
+
+
+class ShuffleBlock(nn.Module):
+    """Two ShuffleNetV2 stride-1 units: split, branch, concat, channel shuffle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.units = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(8, 6, 1),
+                nn.BatchNorm2d(6),
+                nn.ReLU(),
+                nn.Conv2d(6, 6, 3, padding=1, groups=6),
+                nn.Conv2d(6, 8, 1),
+                nn.ReLU(),
+            )
+            for _ in range(2)
+        )
+        self.head = nn.Conv2d(16, 4, 1)
+
+    @staticmethod
+    def shuffle(x, groups):
+        b, c, h, w = x.size()
+        x = x.view(b, groups, c // groups, h, w)
+        x = torch.transpose(x, 1, 2).contiguous()
+        return x.view(b, c, h, w)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for unit in self.units:
+            a, b = x.chunk(2, dim=1)
+            x = self.shuffle(torch.cat((a, unit(b)), dim=1), 2)
+        return self.head(x).mean((2, 3))
+
+
+def test_channel_split_and_shuffle_are_followed():
+    model, x = ShuffleBlock().eval(), torch.randn(2, 3, 6, 6)
+    graph = fxconet.analyze(model, x)
+    mids = [g for g in graph.groups if g.producers in (("units.0.0",), ("units.1.0",))]
+    assert len(mids) == 2 and all(g.free and g.size == 6 for g in mids)
+    for result in testing.check_all(model, x):
+        assert result.ok, result
+    # resizing the shuffled stream keeps the view/chunk consistent at run time
+    stream = [g for g in graph.free if "stem" in g.producers]
+    assert stream, graph
+    gm = fxconet.resize(graph, {g.id: g.size // 2 for g in stream if g.size // 2 % g.divisor == 0})
+    assert run(gm, x).shape == (2, 4)
+
+
+class ChannelsLast(nn.Module):
+    """A ConvNeXt block: depthwise conv, permute, LayerNorm, MLP, layer scale, residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 8)
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.norm(y)))) * self.gamma
+        x = x + y.permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_channels_last_layernorm_linear():
+    model, x = ChannelsLast().eval(), torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    stream, hidden = groups[("fc2", "stem")], groups[("fc1",)]
+    assert stream.free and not stream.exact  # LayerNorm takes statistics across it
+    assert hidden.free and hidden.exact
+    assert {"norm", "dw", "gamma"} <= set(stream.layers)
+    gm = fxconet.resize(graph, {stream.id: 6, hidden.id: 20})
+    assert gm.norm.normalized_shape == (6,) and gm.gamma.shape == (6,)
+    assert (gm.fc1.in_features, gm.fc1.out_features, gm.fc2.out_features) == (6, 20, 6)
+    assert run(gm, x).shape == (2, 3)
+    assert_exact_removal(model, x)
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d((2, 3))
+        self.fc = nn.Linear(8 * 6, 5)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_flatten_to_linear_scales_by_spatial_size():
+    model, x = FlattenLinear().eval(), torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    g = by_producers(graph)[("conv",)]
+    assert g.free and g.size == 8 and "fc" in g.consumers
+    gm = fxconet.resize(graph, {g.id: 3})
+    assert gm.fc.in_features == 18
+    plan = gm.meta["fxconet"]
+    kept = plan.kept(g.id).tolist()
+    cols = plan.layer_channels("fc")["in"].tolist()
+    assert cols == [c * 6 + s for c in kept for s in range(6)]
+    assert_exact_removal(model, x)
+
+
+class LiteralReshape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 1)
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x):
+        n = x.shape[0]
+        y = self.conv(x).reshape(n, 12, -1).mean(-1)
+        return self.fc(y)
+
+
+def test_literal_sizes_are_rewritten():
+    model, x = LiteralReshape().eval(), torch.randn(2, 3, 4, 4)
+    graph = fxconet.analyze(model, x)
+    g = by_producers(graph)[("conv",)]
+    assert g.free
+    gm = fxconet.resize(graph, {g.id: 7})
+    assert "reshape(getitem, 7, -1)" in gm.code.replace("getitem_0", "getitem")
+    assert run(gm, x).shape == (2, 2)
+    assert_exact_removal(model, x)
+
+
+class SplitConvCat(nn.Module):
+    """YOLO C2f: cv1 -> chunk(2) -> bottlenecks on the second half -> concat -> cv2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = nn.Conv2d(3, 16, 1)
+        self.m = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.SiLU())
+        self.cv2 = nn.Conv2d(24, 6, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.append(self.m(y[-1]))
+        return self.cv2(torch.cat(y, 1)).mean((2, 3))
+
+
+def test_split_chunk_conv_cat():
+    model, x = SplitConvCat().eval(), torch.randn(2, 3, 6, 6)
+    graph = fxconet.analyze(model, x)
+    halves = [g for g in graph.groups if g.producers == ("cv1",)]
+    assert len(halves) == 2 and all(g.free and g.size == 8 for g in halves)
+    first, second = halves
+    assert "m.0" in second.consumers and "m.0" not in first.consumers
+    gm = fxconet.resize(graph, {first.id: 3, second.id: 5})
+    assert gm.cv1.out_channels == 8 and gm.get_submodule("m.0").in_channels == 5
+    assert "torch.functional.split(cv1, [3, 5], dim = 1)" in gm.code
+    assert run(gm, x).shape == (2, 6)
+    assert_exact_removal(model, x)
+
+
+class Slicing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 10, 1)
+        self.a = nn.Conv2d(4, 2, 1)
+        self.b = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (self.a(y[:, :4]) + self.b(y[:, 4:])).mean((2, 3))
+
+
+def test_channel_slicing():
+    model, x = Slicing().eval(), torch.randn(2, 3, 5, 5)
+    graph = fxconet.analyze(model, x)
+    parts = [g for g in graph.groups if g.producers == ("conv",)]
+    assert [g.size for g in parts] == [4, 6] and all(g.free for g in parts)
+    gm = fxconet.resize(graph, {parts[0].id: 2, parts[1].id: 9})
+    assert (gm.a.in_channels, gm.b.in_channels, gm.conv.out_channels) == (2, 9, 11)
+    assert run(gm, x).shape == (2, 2)
+    assert_exact_removal(model, x)
+
+
+class PixelShuffleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.up = nn.PixelShuffle(2)
+        self.out = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.out(self.up(self.conv(x)))
+
+
+def test_pixel_shuffle_keeps_blocks_of_r_squared():
+    model, x = PixelShuffleNet().eval(), torch.randn(1, 3, 4, 4)
+    graph = fxconet.analyze(model, x)
+    g = by_producers(graph)[("conv",)]
+    assert (g.size, g.divisor, g.free) == (16, 4, True)
+    gm = fxconet.resize(graph, {g.id: 8})
+    assert gm.out.in_channels == 2
+    assert run(gm, x).shape == (1, 3, 8, 8)
+    assert_exact_removal(model, x)
+
+
+class MaskMultiply(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.feat = nn.Conv2d(3, 8, 1)
+        self.mask = nn.Conv2d(3, 1, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.feat(x) * torch.sigmoid(self.mask(x))).mean((2, 3))
+
+
+def test_one_channel_mask_broadcast_is_frozen():
+    model, x = MaskMultiply().eval(), torch.randn(2, 3, 4, 4)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    mask = groups[("mask",)]
+    assert mask.frozen and "broadcast" in mask.reason and mask.size == 1
+    assert groups[("feat",)].free
+    with pytest.raises(ChannelError, match="frozen"):
+        fxconet.resize(graph, {mask.id: 2})
+    assert_exact_removal(model, x)
+
+
+class RawParameterConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.2)
+        self.bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(F.conv2d(x, self.weight, self.bias, padding=1))).mean((2, 3))
+
+
+def test_raw_parameter_conv():
+    model, x = RawParameterConv().eval(), torch.randn(2, 3, 5, 5)
+    graph = fxconet.analyze(model, x)
+    g = by_producers(graph)[("weight",)]
+    assert g.free and g.size == 8 and "head" in g.consumers and g.layers == ("weight", "head")
+    assert graph.layer("weight").kind == "conv" and graph.layer("weight").out_groups == (g.id,)
+    gm = fxconet.resize(graph, {g.id: 5})
+    assert gm.weight.shape == (5, 3, 3, 3) and gm.bias.shape == (5,)
+    assert isinstance(gm.weight, nn.Parameter)
+    assert_exact_removal(model, x)
+
+
+class SharedModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.shared(F.relu(self.shared(x)))
+        return self.head(x).mean((2, 3))
+
+
+def test_same_module_called_twice():
+    model, x = SharedModule().eval(), torch.randn(2, 3, 5, 5)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    assert set(groups) == {("shared", "stem"), ("head",)}
+    g = groups[("shared", "stem")]
+    gm = fxconet.resize(graph, {g.id: 5})
+    assert (gm.shared.in_channels, gm.shared.out_channels) == (5, 5)
+    assert_exact_removal(model, x)
+
+
+class Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.dec = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.out = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.dec(F.relu(self.bn(self.enc(x))))))
+
+
+def test_conv_transpose_decoder():
+    model, x = Decoder().eval(), torch.randn(1, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    enc, dec = groups[("enc",)], groups[("dec",)]
+    assert enc.free and dec.free and groups[("out",)].frozen
+    assert graph.layer("dec").kind == "conv_transpose"
+    gm = fxconet.resize(graph, {enc.id: 10, dec.id: 5})
+    assert gm.dec.weight.shape == (10, 5, 2, 2)
+    assert run(gm, x).shape == (1, 3, 8, 8)
+    assert_exact_removal(model, x)
+
+
+class FPN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.c4 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.l3 = nn.Conv2d(16, 8, 1)
+        self.l4 = nn.Conv2d(32, 8, 1)
+        self.smooth = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        c3 = F.relu(self.c3(x))
+        c4 = F.relu(self.c4(c3))
+        p4 = self.l4(c4)
+        p3 = self.l3(c3) + F.interpolate(p4, scale_factor=2.0, mode="nearest")
+        return self.smooth(p3).mean((2, 3))
+
+
+def test_fpn_upsample_add_ties_laterals():
+    model, x = FPN().eval(), torch.randn(1, 3, 16, 16)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    assert ("l3", "l4") in groups and groups[("l3", "l4")].free
+    gm = fxconet.resize(graph, {groups[("l3", "l4")].id: 3})
+    assert (gm.l3.out_channels, gm.l4.out_channels, gm.smooth.in_channels) == (3, 3, 3)
+    assert_exact_removal(model, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors, freezing, registration
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.block = DataDependent()
+
+    def forward(self, x):
+        return self.block(self.conv(x))
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+def test_untraceable_model_names_the_module_and_the_fix():
+    with pytest.raises(TraceError) as info:
+        fxconet.analyze(Untraceable(), torch.randn(1, 3, 4, 4))
+    message = str(info.value)
+    assert "`block`" in message and "DataDependent" in message
+    assert "leaf_modules" in message and "concrete_args" in message
+
+
+def test_leaf_module_without_rule_is_frozen_with_reason():
+    graph = fxconet.analyze(Untraceable(), torch.randn(1, 3, 4, 4), leaf_modules=[DataDependent])
+    (g,) = graph.groups
+    assert g.frozen and "no channel rule" in g.reason and "block" in g.reason
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class WithSwish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.act = Swish()
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.act(self.conv(x)))
+
+
+def test_register_op_for_a_leaf_module():
+    x = torch.randn(1, 3, 4, 4)
+    frozen = fxconet.analyze(WithSwish(), x, leaf_modules=[Swish])
+    assert by_producers(frozen)[("conv",)].frozen
+    fxconet.register_op(Swish, "same")
+    try:
+        graph = fxconet.analyze(WithSwish(), x, leaf_modules=[Swish])
+        g = by_producers(graph)[("conv",)]
+        assert g.free
+        gm = fxconet.resize(graph, {g.id: 4})
+        assert run(gm, x).shape == (1, 2, 4, 4)
+    finally:
+        fxconet.ops._MODULES.pop(Swish)
+
+
+@torch.fx.wrap
+def custom_gate(x):
+    return x * (x > 0)
+
+
+class WithGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.out(custom_gate(self.conv(x)))
+
+
+def test_register_op_for_a_function():
+    x = torch.randn(1, 3, 4, 4)
+    graph = fxconet.analyze(WithGate(), x)
+    g = by_producers(graph)[("conv",)]
+    assert g.frozen and "custom_gate" in g.reason
+    fxconet.register_op(custom_gate, "same")
+    try:
+        assert by_producers(fxconet.analyze(WithGate(), x))[("conv",)].free
+    finally:
+        fxconet.ops._FUNCTIONS.pop(custom_gate)
+
+
+def test_register_op_rejects_bad_rules():
+    with pytest.raises(fxconet.UnsupportedOpError, match="unknown rule"):
+        fxconet.register_op(Swish, "sometimes")
+    with pytest.raises(fxconet.UnsupportedOpError):
+        fxconet.register_op(int, "same")
+
+
+def test_freeze_blocks_both_sides_of_a_layer():
+    x = torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(Residual(), x, freeze=["c1"])
+    groups = by_producers(graph)
+    assert groups[("c1",)].frozen and "freeze" in groups[("c1",)].reason
+    assert groups[("c2", "stem")].frozen  # the input side of c1
+    graph = fxconet.analyze(Residual(), x, freeze=[nn.Linear])
+    assert by_producers(graph)[("c2", "stem")].frozen
+    assert by_producers(graph)[("c1",)].free
+    with pytest.raises(KeyError, match="nope"):
+        fxconet.analyze(Residual(), x, freeze=["nope"])
+
+
+def test_bad_widths_raise_channel_errors_naming_the_group():
+    graph = fxconet.analyze(Residual(), torch.randn(2, 3, 8, 8))
+    groups = by_producers(graph)
+    stream, head = groups[("c2", "stem")], groups[("head",)]
+    with pytest.raises(ChannelError, match=rf"group {head.id} .*frozen \(model output\)"):
+        fxconet.resize(graph, {head.id: 3})
+    with pytest.raises(ChannelError, match=r">= 1.*got 0") as info:
+        fxconet.resize(graph, {stream.id: 0})
+    assert "stem" in str(info.value) and "c1" in str(info.value)
+    with pytest.raises(ChannelError, match="unknown channel group 99"):
+        fxconet.resize(graph, {99: 3})
+    with pytest.raises(ValueError, match="integer"):
+        fxconet.resize(graph, {stream.id: 2.5})
+    with pytest.raises(ChannelError, match="example_inputs"):
+        fxconet.resize(Residual(), {0: 4})
+
+
+def test_shape_errors_name_the_node():
+    with pytest.raises(fxconet.ShapeError, match=r"node `stem` \(call_module stem, module `stem`"):
+        fxconet.analyze(Residual(), torch.randn(2, 5, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# guarantees
+
+
+def test_the_user_model_is_never_mutated_and_shares_nothing():
+    model, x = Residual().eval(), torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    text = repr(model)
+    graph = fxconet.analyze(model, x)
+    gm = fxconet.resize(graph, {g.id: g.size + 2 for g in graph.free})
+    gm_same = fxconet.resize(graph, {})
+    assert repr(model) == text
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    pointers = {t.data_ptr() for t in model.state_dict().values()}
+    for out in (gm, gm_same):
+        assert pointers.isdisjoint(t.data_ptr() for t in out.state_dict().values())
+    assert all(isinstance(m, nn.Module) for m in model.modules())
+    assert not hasattr(model, "meta")
+
+
+def test_identity_resize_is_exact():
+    model, x = Residual().eval(), torch.randn(2, 3, 8, 8)
+    gm = fxconet.resize(model, {}, x)
+    assert torch.equal(run(gm, x), run(model, x))
+
+
+def test_shrink_keeps_the_largest_norm_channels_ties_by_index():
+    model = Concat().eval()
+    with torch.no_grad():
+        model.a.weight.copy_(torch.tensor([1.0, 3.0, 3.0, 2.0]).view(4, 1, 1, 1).expand(4, 3, 1, 1))
+    graph = fxconet.analyze(model, torch.randn(1, 3, 4, 4))
+    g = by_producers(graph)[("a",)]
+    gm = fxconet.resize(graph, {g.id: 2})
+    assert fxconet.kept_channels(gm)[g.id].tolist() == [1, 2]
+    gm = fxconet.resize(graph, {g.id: 1})
+    assert fxconet.kept_channels(gm)[g.id].tolist() == [1]  # tie between 1 and 2 -> lower index
+    torch.testing.assert_close(gm.a.weight[:, 0], model.a.weight[1:2, 0])
+
+
+def test_init_reset_reinitialises_every_layer():
+    model, x = Residual().eval(), torch.randn(2, 3, 8, 8)
+    gm = fxconet.resize(model, {}, x, init="reset")
+    assert not torch.equal(gm.c1.weight, model.c1.weight)
+    assert run(gm, x).shape == (2, 4)
+    with pytest.raises(ValueError, match="init"):
+        fxconet.resize(model, {}, x, init="zeros")
+
+
+def test_table_and_dag():
+    graph = fxconet.analyze(Residual(), torch.randn(2, 3, 8, 8))
+    text = str(graph)
+    assert "3 groups, 2 free" in text and "model output" in text and "frozen" in text
+    dag = graph.to_networkx()
+    conv_edges = [(u, v) for u, v, d in dag.edges(data=True) if d["kind"] == "conv"]
+    assert {v for _, v in conv_edges} == {"stem", "c1", "c2", "head"}
+    assert dag.nodes["c1"]["channel_dim"] == 1
+    assert dag.nodes["add"]["groups"] == (by_producers(graph)[("c2", "stem")].id,)
+
+
+def test_group_ids_are_stable_across_runs():
+    x = torch.randn(2, 3, 8, 8)
+    a = fxconet.analyze(Residual(), x)
+    b = fxconet.analyze(Residual(), x)
+    assert [(g.id, g.producers, g.size) for g in a.groups] == [
+        (g.id, g.producers, g.size) for g in b.groups
+    ]
+
+
+def test_label_edges_matches_the_dag():
+    graph = fxconet.analyze(Separable(), torch.randn(1, 3, 4, 4))
+    kinds = fxconet.passes.label_edges.label_edges(graph.state)
+    assert kinds[("x", "expand")] == "conv" and kinds[("bn1", "relu6")] == "non-conv"
+    assert {(e.src, e.dst): e.kind for e in graph.edges} == {k: v.value for k, v in kinds.items()}
