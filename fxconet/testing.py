@@ -97,22 +97,35 @@ def random_widths(
     return widths
 
 
-def check_identity(model: nn.Module, example_inputs: Any, **analyze_kwargs: Any) -> CheckResult:
+def check_identity(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    graph: ChannelGraph | None = None,
+    **analyze_kwargs: Any,
+) -> CheckResult:
     """Resizing every group to its current width must give the model's outputs."""
-    graph = analyze(model, example_inputs, **analyze_kwargs)
+    graph = graph or analyze(model, example_inputs, **analyze_kwargs)
     gm = resize(graph, graph.widths())
     diff, ok = _max_diff(_run(model, example_inputs), _run(gm, example_inputs))
     return CheckResult("identity", ok, diff)
 
 
 def check_random_resize(
-    model: nn.Module, example_inputs: Any, *, seed: int = 0, **analyze_kwargs: Any
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    seed: int = 0,
+    high: float = 2.0,
+    graph: ChannelGraph | None = None,
+    **analyze_kwargs: Any,
 ) -> CheckResult:
-    """A random resize of every free group runs and keeps the output shape."""
-    graph = analyze(model, example_inputs, **analyze_kwargs)
+    """A random resize of every free group (0.25 to ``high`` times its width) runs and keeps
+    the output shape."""
+    graph = graph or analyze(model, example_inputs, **analyze_kwargs)
     if not graph.free:
         return CheckResult("random", True, note="no free group")
-    gm = resize(graph, random_widths(graph, seed))
+    gm = resize(graph, random_widths(graph, seed, high=high))
     ref, out = _flat(_run(model, example_inputs)), _flat(_run(gm, example_inputs))
     ok = len(ref) == len(out) and all(a.shape == b.shape for a, b in zip(ref, out, strict=True))
     finite = all(torch.isfinite(t).all() for t in out)
@@ -149,6 +162,7 @@ def check_zero_removal(
     *,
     seed: int = 0,
     max_groups: int | None = None,
+    inplace: bool = False,
     **analyze_kwargs: Any,
 ) -> CheckResult:
     """Zero random channels of the free groups and shrink by exactly those: outputs unchanged.
@@ -156,10 +170,11 @@ def check_zero_removal(
     Channels are zeroed in every parameter of the group (producers, norms, consumers' input
     weights), so any op between them is harmless. Groups whose ops take statistics across
     channels (``exact=False``: LayerNorm, GroupNorm, softmax over channels) are skipped, as their
-    output legitimately depends on the number of channels. Works on a copy of ``model``.
+    output legitimately depends on the number of channels. Works in float64 on a copy of
+    ``model`` (``inplace=True`` converts and zeroes ``model`` itself, to save memory).
     """
     # float64: batch statistics of tiny feature maps amplify rounding; in double it stays ~1e-12
-    work = copy.deepcopy(model).double()
+    work = (model if inplace else copy.deepcopy(model)).double()
     example_inputs = _double(example_inputs)
     # batch statistics keep activations at unit scale however many channels are zeroed; an
     # all-zero channel still normalises to exactly zero (weight and bias are zeroed too)
@@ -196,9 +211,10 @@ def check_zero_removal(
 def check_all(
     model: nn.Module, example_inputs: Any, *, seed: int = 0, **analyze_kwargs: Any
 ) -> list[CheckResult]:
-    """The three checks, in order."""
+    """The three checks, in order (``model`` is not modified)."""
+    graph = analyze(model, example_inputs, **analyze_kwargs)
     return [
-        check_identity(model, example_inputs, **analyze_kwargs),
-        check_random_resize(model, example_inputs, seed=seed, **analyze_kwargs),
+        check_identity(model, example_inputs, graph=graph),
+        check_random_resize(model, example_inputs, seed=seed, graph=graph),
         check_zero_removal(model, example_inputs, seed=seed, **analyze_kwargs),
     ]

@@ -54,6 +54,8 @@ class Slots:
         self.reason: list[str | None] = []
         self.produced: list[bool] = []
         self.inexact: list[bool] = []
+        # expand() results, valid until the next refinement or union (both change leaves)
+        self._memo: dict[Layout, list[Block]] = {}
 
     # -- variables ------------------------------------------------------------------------------
 
@@ -101,6 +103,7 @@ class Slots:
             raise Conflict(f"cannot split {self.size[r]} channels into {sizes}")
         parts = [self._inherit(r, s) for s in sizes]
         self.sub[r] = tuple((1, p, 1) for p in parts)
+        self._memo.clear()
         return parts
 
     def factor(self, v: int, outer: int, inner: int) -> int:
@@ -115,6 +118,7 @@ class Slots:
             raise Conflict(f"{n} channels are not {outer} x k x {inner}")
         child = self._inherit(r, n // (outer * inner))
         self.sub[r] = ((outer, child, inner),)
+        self._memo.clear()
         return child
 
     def link(self, v: int, w: int) -> int:
@@ -129,6 +133,7 @@ class Slots:
         if b < a:  # keep the older variable as root: first appearance order
             a, b = b, a
         self.parent[b] = a
+        self._memo.clear()
         self.reason[a] = self.reason[a] or self.reason[b]
         self.produced[a] = self.produced[a] or self.produced[b]
         self.inexact[a] = self.inexact[a] or self.inexact[b]
@@ -143,7 +148,18 @@ class Slots:
         return sum(o * self.size[self.find(v)] * i for o, v, i in layout)
 
     def expand(self, layout: Layout) -> list[Block]:
-        """The layout over leaf variables (refinements substituted), adjacent repeats merged."""
+        """The layout over leaf variables (refinements substituted), adjacent repeats merged.
+
+        The returned list is shared with a cache: do not modify it.
+        """
+        hit = self._memo.get(layout)
+        if hit is not None:
+            return hit
+        out = self._expand(layout)
+        self._memo[layout] = out
+        return out
+
+    def _expand(self, layout: Layout) -> list[Block]:
         out: list[Block] = []
         for o, v, i in layout:
             r = self.find(v)
@@ -151,7 +167,7 @@ class Slots:
             if sub is None:
                 parts = [(1, r, 1)]
             else:
-                parts = self.expand(sub)
+                parts = self._expand(sub)
             if len(parts) == 1:
                 po, pv, pi = parts[0]
                 _push(out, (o * po, pv, pi * i))
@@ -210,7 +226,19 @@ class Slots:
         """
         if a == b:
             return
-        qa, qb = deque(self.expand(a)), deque(self.expand(b))
+        ea, eb = self.expand(a), self.expand(b)
+        if len(ea) > 1 and len(eb) == 1:
+            ea, eb = eb, ea
+        if len(ea) == 1 and len(eb) > 1 and ea[0][0] == 1 and ea[0][2] == 1:
+            # one variable against a concatenation: split it once into all the parts (binary
+            # cuts would build a chain of refinements, quadratic in the number of parts)
+            vars_b = [v for _, v, _ in eb]
+            if len(set(vars_b)) == len(vars_b) and ea[0][1] not in vars_b:
+                parts = self.split(ea[0][1], [self._bsize(y) for y in eb])
+                for p, y in zip(parts, eb, strict=True):
+                    self._unify_blocks((1, p, 1), y)
+                return
+        qa, qb = deque(ea), deque(eb)
         while qa and qb:
             x, y = self._head(qa), self._head(qb)
             sx, sy = self._bsize(x), self._bsize(y)

@@ -490,9 +490,10 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
 
     n = len(leaf_of)
     unit = [0] * n
-    producers: list[list[str]] = [[] for _ in range(n)]
-    consumers: list[list[str]] = [[] for _ in range(n)]
-    touched: list[list[str]] = [[] for _ in range(n)]
+    # dicts as ordered sets
+    producers: list[dict[str, None]] = [{} for _ in range(n)]
+    consumers: list[dict[str, None]] = [{} for _ in range(n)]
+    touched: list[dict[str, None]] = [{} for _ in range(n)]
     layer_of_tensor: dict[int, str] = {}
     for rec in solution.layers.values():
         for tid in rec.params.values():
@@ -506,13 +507,13 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
                 g = group_of.get(v)
                 if g is None:
                     continue
-                _add(touched[g], owner)
+                touched[g][owner] = None
                 if role == "out" and prec.producer:
-                    _add(producers[g], owner)
+                    producers[g][owner] = None
                     m = o * i
                     unit[g] = m if unit[g] == 0 else min(unit[g], m)
                 elif role == "in":
-                    _add(consumers[g], owner)
+                    consumers[g][owner] = None
     for rec in solution.layers.values():
         for layout in (rec.in_layout, rec.out_layout, *rec.notes.get("layouts", ())):
             if layout is None:
@@ -520,7 +521,7 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
             for v in slots.leaves(layout):
                 g = group_of.get(v)
                 if g is not None:
-                    _add(touched[g], rec.path)
+                    touched[g][rec.path] = None
 
     groups = []
     for g, v in enumerate(leaf_of):
@@ -571,11 +572,6 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
         model_name=name,
         state=solution,
     )
-
-
-def _add(items: list[str], item: str) -> None:
-    if item not in items:
-        items.append(item)
 
 
 def _group_ids(slots: Slots, group_of: dict[int, int], layout: Layout | None) -> tuple[int, ...]:

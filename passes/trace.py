@@ -236,14 +236,27 @@ class _Tracer(torch.fx.Tracer):
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
-    """Copy the module tree but share parameters and buffers (tracing must not mutate the user's
-    modules, and copying weights would cost memory and time)."""
-    memo: dict[int, Any] = {}
-    for t in model.parameters():
-        memo[id(t)] = t
-    for t in model.buffers():
-        memo[id(t)] = t
-    return copy.deepcopy(model, memo)
+    """Copy the module tree but share parameters, buffers and other attribute values.
+
+    Tracing must not touch the user's modules (a forward that assigns ``self.cache = x`` would
+    store a Proxy on them), and copying the weights would cost memory and time. Each module is
+    copied shallowly with its own ``__dict__`` and its own child/parameter/buffer dicts.
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def visit(m: nn.Module) -> nn.Module:
+        hit = memo.get(id(m))
+        if hit is not None:
+            return hit
+        new = copy.copy(m)
+        memo[id(m)] = new
+        d = new.__dict__
+        d["_parameters"] = dict(m._parameters)
+        d["_buffers"] = dict(m._buffers)
+        d["_modules"] = {k: (visit(c) if c is not None else None) for k, c in m._modules.items()}
+        return new
+
+    return visit(model)
 
 
 def _leaf_spec(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], frozenset[str]]:
@@ -546,7 +559,29 @@ def _fast_function(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         return args[0].flatten(*args[1:], **kwargs)
     if target is operator.getitem and isinstance(args[0], tuple | list | torch.Size):
         return args[0][args[1]]
+    if target is torch.cat:
+        return _cat_shape(args, kwargs)
     return None
+
+
+def _cat_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """torch.cat of same-dtype tensors (the meta kernel is slow: ~2 ms per call)."""
+    tensors = args[0] if args else kwargs.get("tensors")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if not isinstance(tensors, list | tuple) or not tensors or not isinstance(dim, int):
+        return None
+    first = tensors[0]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == first.dim() for t in tensors):
+        return None
+    if any(t.dtype != first.dtype for t in tensors) or first.dim() == 0:
+        return None
+    d = dim % first.dim()
+    shape = list(first.shape)
+    for t in tensors[1:]:
+        if any(a != b for k, (a, b) in enumerate(zip(t.shape, shape, strict=True)) if k != d):
+            return None  # let the real kernel raise the error
+        shape[d] += t.shape[d]
+    return torch.empty(shape, dtype=first.dtype, device="meta")
 
 
 def _fast_method(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
