@@ -10,7 +10,13 @@ The public API:
 __version__ = "0.1.0"
 
 from fxconet import ops  # noqa: E402  (the op table must exist before the passes use it)
-from fxconet.api import analyze, kept_channels, resize  # noqa: E402
+from fxconet.api import (  # noqa: E402
+    OptimizeResult,
+    analyze,
+    kept_channels,
+    optimize_channels,
+    resize,
+)
 from fxconet.errors import (  # noqa: E402
     ChannelError,
     DataError,
@@ -30,6 +36,7 @@ __all__ = [
     "DataError",
     "FxconetError",
     "LayerInfo",
+    "OptimizeResult",
     "ShapeError",
     "TraceError",
     "UnsupportedOpError",
@@ -37,7 +44,28 @@ __all__ = [
     "__version__",
     "analyze",
     "kept_channels",
+    "optimize_channels",
     "ops",
     "register_op",
     "resize",
 ]
+
+_SUBMODULES = (
+    "data",
+    "export",
+    "metrics",
+    "models",
+    "passes",
+    "report",
+    "strategies",
+    "testing",
+    "train",
+)
+
+
+def __getattr__(name: str):  # lazy submodules: `fxconet.metrics` without importing scipy up front
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"fxconet.{name}")
+    raise AttributeError(f"module 'fxconet' has no attribute {name!r}")

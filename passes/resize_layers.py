@@ -37,7 +37,7 @@ from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution
 from fxconet.passes.trace import META_KEY
 from fxconet.passes.verify import verify_channels
 
-__all__ = ["ResizePlan", "build_resized", "plan_resize", "resize_layers"]
+__all__ = ["ResizePlan", "build_resized", "plan_resize", "predict_params", "resize_layers"]
 
 _INITS = ("inherit", "reset")
 
@@ -127,6 +127,32 @@ def _channel_scores(solution: Solution, leaves: set[int]) -> dict[int, np.ndarra
                     scores[v] += norms[off : off + size].reshape(o, n, i).sum(axis=(0, 2))
                 off += size
     return scores
+
+
+def predict_params(graph: ChannelGraph, widths: Mapping[int, int]) -> int:
+    """Parameters of the model after resizing to ``widths``, computed from the IR alone.
+
+    Example:
+        >>> predict_params(graph, {})   # the model's own parameter count
+    """
+    solution: Solution = graph.state
+    full = check_widths(graph, widths)
+    sizes: dict[int, int] = {}
+    for gid, width in full.items():
+        sizes[solution.leaf_of[gid]] = width // solution.unit[gid]
+    slots = solution.slots
+
+    def size_of(layout: Layout) -> int:
+        return sum(o * sizes.get(v, slots.size[v]) * i for o, v, i in slots.expand(layout))
+
+    tracked = {tid for tid, rec in solution.params.items() if isinstance(rec.tensor, nn.Parameter)}
+    total = sum(
+        p.numel() for p in solution.traced.root.parameters() if id(p) not in tracked
+    )
+    for tid in tracked:
+        rec = solution.params[tid]
+        total += math.prod(size_of(layout) for layout in rec.dims)
+    return total
 
 
 def _dim_norms(rec: ParamRecord, d: int) -> np.ndarray:

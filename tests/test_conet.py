@@ -1,0 +1,283 @@
+"""The CONet search, static and uniform scaling, optimize_channels and the fxconet command."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxconet
+from fxconet.cli import main
+from fxconet.strategies.conet import ConetConfig, GroupState, SearchError, decide
+from fxconet.strategies.static import static_widths, uniform_for_params, uniform_widths
+from fxconet.train import TrainConfig
+
+
+def state(width: int = 32, **kw) -> dict[int, GroupState]:
+    return {0: GroupState(width=width, phi=kw.pop("phi", 0.2), low=16, high=256, step=2, **kw)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the decision rule (Alg. 2 lines 6-14)
+
+
+@pytest.mark.parametrize(
+    ("slope", "kappa", "width", "op", "new"),
+    [
+        (0.02, 1.0, 32, 1, 38),  # S > delta: expand, 32 * 1.2 = 38.4 -> even 38
+        (0.001, 1.0, 32, -1, 26),  # S < delta: shrink, 25.6 -> 26
+        (0.02, 11.0, 32, -1, 26),  # ill-conditioned: shrink
+        (0.02, 10.0, 32, 1, 38),  # kappa == mu is not > mu (paper; the code uses >=)
+        (0.001, 1.0, 16, 1, 20),  # at min width a shrink becomes an expansion (code)
+        (0.02, 1.0, 258, -1, 206),  # above max width: always shrink
+        (0.0075, 1.0, 32, 1, 38),  # S == delta expands
+    ],
+)
+def test_decision_rule(slope, kappa, width, op, new):
+    s, actions = decide(state(width), {0: slope}, {0: kappa}, ConetConfig())
+    assert actions[0] == op and s[0].width == new and s[0].phi == 0.2
+
+
+def test_oscillation_halves_phi_until_the_group_converges():
+    cfg = ConetConfig()
+    s = state(64)
+    phis, ops = [], []
+    for k in range(12):
+        slope = 0.02 if k % 2 == 0 else 0.0  # flip every trial
+        s, actions = decide(s, {0: slope}, {0: 1.0}, cfg)
+        phis.append(s[0].phi)
+        ops.append(actions[0])
+        if s[0].converged:
+            break
+    # phi: 0.2 (first), then halved on each flip; freezes on the 6th flip (reference §5)
+    assert phis == [0.2, 0.1, 0.05, 0.025, 0.0125, 0.00625, 0.003125]
+    assert ops[-1] == 0 and s[0].converged
+    frozen, actions = decide(s, {0: 0.5}, {0: 1.0}, cfg)
+    assert actions[0] == 0 and frozen[0] == s[0]
+
+
+def test_unmeasured_group_is_left_alone():
+    s, actions = decide(state(), {0: math.nan}, {0: math.nan}, ConetConfig())
+    assert actions == {0: 0} and s[0].width == 32 and not s[0].converged
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="gamma"):
+        ConetConfig(gamma=2.0)
+    with pytest.raises(ValueError, match="epochs_per_trial"):
+        ConetConfig(epochs_per_trial=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# static and uniform scaling
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 16, in_channels: int = 1) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(width)
+        self.c2 = nn.Conv2d(width, 2 * width, 3, padding=1, stride=2)
+        self.b2 = nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_static_scaling_is_equation_4():
+    graph = fxconet.analyze(Net(64), torch.randn(1, 1, 8, 8))
+    g = graph.free[0]
+    assert static_widths(graph, scale=0.6, ranks={g.id: 0.25})[g.id] == 35  # 64 * 0.55 = 35.2
+    assert static_widths(graph, scale=0.0, ranks={g.id: 0.25})[g.id] == 64
+    assert static_widths(graph, scale=1.0, ranks={g.id: 0.25})[g.id] == 16
+    with pytest.raises(ValueError, match="scale"):
+        static_widths(graph, scale=1.5, ranks={})
+
+
+def test_uniform_scaling_and_matching_parameters():
+    graph = fxconet.analyze(Net(16), torch.randn(1, 1, 8, 8))
+    assert uniform_widths(graph, 0.5) == {g.id: g.size // 2 for g in graph.free}
+    phi, widths = uniform_for_params(graph, 20_000)
+    gm = fxconet.resize(graph, widths)
+    assert abs(sum(p.numel() for p in gm.parameters()) - 20_000) < 2_000
+    assert phi > 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+
+
+SMALL = dict(
+    trials=3,
+    epochs_per_trial=2,
+    max_batches_per_epoch=3,
+    batch_size=64,
+    progress=False,
+    delta=0.03,
+)
+
+
+def test_conet_search_end_to_end(tmp_path):
+    lines: list[str] = []
+    result = fxconet.optimize_channels(
+        Net(), data="digits", out=tmp_path, epochs=1, log=lines.append, **SMALL
+    )
+    assert result.method == "conet" and len(result.history) == 3 and len(lines) == 3
+    assert set(result.widths) == {g.id for g in result.graph.free}
+    first = result.history[0]
+    assert set(first) >= {"widths", "slopes", "conditions", "actions", "phi", "layer_ranks"}
+    assert first["val_accuracy"] is not None and first["params"] > 0
+    assert result.params_after == sum(p.numel() for p in result.model.parameters())
+    assert result.macs_before > 0 and result.macs_after > 0 and 0 <= result.accuracy <= 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    for key in ("widths", "params_before", "params_after", "macs_before", "macs_after", "history"):
+        assert key in report
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"trial_000.json", "trial_001.json", "trial_002.json"} <= names
+    assert {"widths.png", "ranks.png", "accuracy_params.png"} <= names
+    # widths moved in the direction of the decisions
+    last = result.history[-1]
+    for gid, action in last["actions"].items():
+        before, after = last["widths"][gid], last["next_widths"][gid]
+        assert (after > before) == (action > 0) or after == before
+
+
+class Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("reinit", [True, False])
+def test_resume_reproduces_an_uninterrupted_search(tmp_path, reinit):
+    options = dict(SMALL, reinit=reinit, trials=4)
+    full = fxconet.optimize_channels(Net(), data="digits", out=tmp_path / "full", **options)
+
+    def kill_after_two(line: str) -> None:
+        if line.startswith("trial 1:"):
+            raise Kill
+
+    with pytest.raises(Kill):
+        fxconet.optimize_channels(
+            Net(), data="digits", out=tmp_path / "cut", log=kill_after_two, **options
+        )
+    written = sorted(p.name for p in (tmp_path / "cut").glob("trial_*.json"))
+    assert written == ["trial_000.json", "trial_001.json"]
+    resumed = fxconet.optimize_channels(
+        Net(), data="digits", out=tmp_path / "cut", resume=True, **options
+    )
+    assert resumed.widths == full.widths
+    assert [h["widths"] for h in resumed.history] == [h["widths"] for h in full.history]
+    # a finished trial's file is never rewritten
+    assert json.loads((tmp_path / "cut" / "trial_000.json").read_text())["trial"] == 0
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    fxconet.optimize_channels(Net(), data="digits", out=tmp_path, **dict(SMALL, trials=2))
+    with pytest.raises(SearchError, match="another model or search configuration"):
+        fxconet.optimize_channels(
+            Net(), data="digits", out=tmp_path, resume=True, **dict(SMALL, trials=2, delta=0.5)
+        )
+    with pytest.raises(SearchError, match="nothing to resume"):
+        fxconet.optimize_channels(
+            Net(), data="digits", out=tmp_path / "empty", resume=True, **SMALL
+        )
+
+
+def test_user_training_loop_is_called_per_trial():
+    calls = []
+
+    def my_loop(model, *, epochs, on_epoch_end):
+        calls.append(epochs)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for epoch in range(epochs):
+            for _ in range(3):
+                x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            on_epoch_end(epoch, model)
+
+    result = fxconet.optimize_channels(
+        Net(), torch.randn(1, 1, 8, 8), method="conet", train_fn=my_loop, trials=2,
+        epochs_per_trial=2, progress=False,
+    )  # fmt: skip
+    assert calls == [2, 2] and len(result.history) == 2
+
+
+def test_static_and_uniform_methods():
+    x = torch.randn(1, 1, 8, 8)
+    static = fxconet.optimize_channels(Net(), x, scale=1.0)  # no data: ranks of these weights
+    assert static.method == "static" and static.params_after <= static.params_before
+    uniform = fxconet.optimize_channels(Net(), x, method="uniform", phi=2.0)
+    assert uniform.widths == {g.id: 2 * g.size for g in uniform.graph.free}
+    with_data = fxconet.optimize_channels(
+        Net(), data="digits", method="static", baseline_epochs=2, scale=0.5,
+        max_batches_per_epoch=2, progress=False,
+    )  # fmt: skip
+    assert set(with_data.widths) == {g.id for g in with_data.graph.free}
+
+
+def test_optimize_rejects_bad_options():
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.raises(TypeError, match="unknown options \\['deltta'\\]"):
+        fxconet.optimize_channels(Net(), data="digits", deltta=0.1)
+    with pytest.raises(ValueError, match="method"):
+        fxconet.optimize_channels(Net(), x, method="magic")
+    with pytest.raises(ValueError, match="example_inputs or data"):
+        fxconet.optimize_channels(Net())
+    with pytest.raises(SearchError, match="training data"):
+        fxconet.optimize_channels(Net(), x, method="conet")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def test_cli_optimize_and_analyze(tmp_path, capsys):
+    status = main(
+        ["optimize", "cifar_resnet20", "--data", "digits", "--trials", "2", "--epochs-per-trial",
+         "2", "--epochs", "1", "--max-batches", "2", "--out", str(tmp_path), "--quiet",
+         "--delta", "0.05"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0 and "parameters" in out and "MACs" in out and "test accuracy" in out
+    assert (tmp_path / "report.json").is_file()
+    assert main(["analyze", "cifar_resnet20", "--data", "digits"]) == 0
+    assert "12 free" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["optimize", "no_such_net", "--data", "digits"], "unknown model 'no_such_net'"),
+        (["optimize", "cifar_resnet20", "--data", "nope"], "unknown dataset 'nope'"),
+        (["optimize", "cifar_resnet20", "--data", "fashion-mnist", "--data-dir", "/no/where"],
+         "/no/where"),
+        (["optimize", "cifar_resnet20", "--data", "digits", "--delta", "-1"], "--delta"),
+        (["optimize", "cifar_resnet20", "--data", "digits", "--resume", "--out", "/tmp/fx-none"],
+         "nothing to resume"),
+    ],
+)  # fmt: skip
+def test_cli_bad_input_is_one_line_and_nonzero(argv, message, capsys):
+    try:
+        status = main(argv)
+    except SystemExit as e:  # argparse errors
+        status = e.code
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and message in err and len(err.splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_train_config_is_forwarded():
+    seen = []
+    result = fxconet.optimize_channels(
+        Net(), data="digits", method="uniform", phi=1.0, epochs=1,
+        train_config=TrainConfig(max_batches_per_epoch=1, batch_size=8, lr=0.01),
+        log=seen.append, progress=False,
+    )  # fmt: skip
+    assert result.accuracy is not None and result.config["train"]["lr"] == 0.01
