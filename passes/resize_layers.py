@@ -37,7 +37,14 @@ from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution
 from fxconet.passes.trace import META_KEY
 from fxconet.passes.verify import verify_channels
 
-__all__ = ["ResizePlan", "build_resized", "plan_resize", "predict_params", "resize_layers"]
+__all__ = [
+    "ResizePlan",
+    "build_resized",
+    "plan_resize",
+    "predict_macs",
+    "predict_params",
+    "resize_layers",
+]
 
 _INITS = ("inherit", "reset")
 
@@ -129,6 +136,19 @@ def _channel_scores(solution: Solution, leaves: set[int]) -> dict[int, np.ndarra
     return scores
 
 
+def _sizer(graph: ChannelGraph, widths: Mapping[int, int]) -> Any:
+    """A function giving the new total size of a layout for ``widths`` (validated)."""
+    solution: Solution = graph.state
+    full = check_widths(graph, widths)
+    sizes = {solution.leaf_of[g]: w // solution.unit[g] for g, w in full.items()}
+    slots = solution.slots
+
+    def size_of(layout: Layout) -> int:
+        return sum(o * sizes.get(v, slots.size[v]) * i for o, v, i in slots.expand(layout))
+
+    return size_of
+
+
 def predict_params(graph: ChannelGraph, widths: Mapping[int, int]) -> int:
     """Parameters of the model after resizing to ``widths``, computed from the IR alone.
 
@@ -136,23 +156,63 @@ def predict_params(graph: ChannelGraph, widths: Mapping[int, int]) -> int:
         >>> predict_params(graph, {})   # the model's own parameter count
     """
     solution: Solution = graph.state
-    full = check_widths(graph, widths)
-    sizes: dict[int, int] = {}
-    for gid, width in full.items():
-        sizes[solution.leaf_of[gid]] = width // solution.unit[gid]
-    slots = solution.slots
-
-    def size_of(layout: Layout) -> int:
-        return sum(o * sizes.get(v, slots.size[v]) * i for o, v, i in slots.expand(layout))
-
+    size_of = _sizer(graph, widths)
     tracked = {tid for tid, rec in solution.params.items() if isinstance(rec.tensor, nn.Parameter)}
-    total = sum(
-        p.numel() for p in solution.traced.root.parameters() if id(p) not in tracked
-    )
+    total = sum(p.numel() for p in solution.traced.root.parameters() if id(p) not in tracked)
     for tid in tracked:
         rec = solution.params[tid]
         total += math.prod(size_of(layout) for layout in rec.dims)
     return total
+
+
+_MAC_KINDS = ("conv", "linear", "conv_transpose", "depthwise")
+
+
+def predict_macs(graph: ChannelGraph, widths: Mapping[int, int]) -> int:
+    """Multiply-accumulates of one example (batch entry) after resizing to ``widths``,
+    computed from the IR alone (no model is built): for every call of a conv, transposed conv,
+    depthwise conv or linear layer, its weight's size times the number of positions it is
+    applied at. Counts what :func:`fxconet.train.count_macs` counts for these layers.
+
+    Example:
+        >>> predict_macs(graph, {})   # the model's own MACs per image
+    """
+    solution: Solution = graph.state
+    size_of = _sizer(graph, widths)
+    layers = {path: rec for path, rec in solution.layers.items() if rec.kind in _MAC_KINDS}
+    total = 0
+    for node in solution.traced.graph.nodes:
+        path = _layer_path(node)
+        rec = layers.get(path) if path is not None else None
+        if rec is None:
+            continue
+        weight_id = rec.params.get("weight", rec.params.get(""))
+        wrec = solution.params.get(weight_id) if weight_id is not None else None
+        if wrec is None:
+            continue
+        x = node.args[0].meta[META_KEY].value if isinstance(node.args[0], torch.fx.Node) else None
+        out = node.meta[META_KEY].value
+        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
+            continue
+        batch = x.shape[0] if x.dim() > 1 else 1
+        if rec.kind == "linear":
+            positions = x.numel() // (x.shape[-1] * batch)
+        elif rec.kind == "conv_transpose":
+            positions = math.prod(x.shape[2:]) if x.dim() > 2 else 1
+        else:
+            positions = math.prod(out.shape[2:]) if out.dim() > 2 else 1
+        total += positions * math.prod(size_of(layout) for layout in wrec.dims)
+    return total
+
+
+def _layer_path(node: torch.fx.Node) -> str | None:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_function" and len(node.args) > 1:
+        w = node.args[1]
+        if isinstance(w, torch.fx.Node) and w.op == "get_attr":
+            return str(w.target)
+    return None
 
 
 def _dim_norms(rec: ParamRecord, d: int) -> np.ndarray:

@@ -739,3 +739,18 @@ def test_label_edges_matches_the_dag():
     kinds = fxconet.passes.label_edges.label_edges(graph.state)
     assert kinds[("x", "expand")] == "conv" and kinds[("bn1", "relu6")] == "non-conv"
     assert {(e.src, e.dst): e.kind for e in graph.edges} == {k: v.value for k, v in kinds.items()}
+
+
+def test_predicted_params_and_macs_match_the_resized_model():
+    from fxconet.passes.resize_layers import predict_macs, predict_params
+    from fxconet.train import count_macs
+
+    for model, x in ((Concat(), torch.randn(1, 3, 6, 6)), (ChannelsLast(), torch.randn(1, 3, 8, 8)),
+                     (Grouped(), torch.randn(1, 3, 6, 6)), (RawParameterConv(), torch.randn(1, 3, 5, 5)),
+                     (Decoder(), torch.randn(1, 3, 8, 8))):  # fmt: skip
+        graph = fxconet.analyze(model.eval(), x)
+        widths = {g.id: g.divisor * max(1, g.size // g.divisor // 2) for g in graph.free}
+        gm = fxconet.resize(graph, widths)
+        assert predict_params(graph, widths) == sum(p.numel() for p in gm.parameters())
+        assert predict_macs(graph, widths) == count_macs(gm, x)
+        assert predict_macs(graph, {}) == count_macs(model, x)
