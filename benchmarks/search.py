@@ -37,13 +37,13 @@ RESULTS = Path(__file__).parent / "results"
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train-size", type=int, default=6000, help="training images used (subset)")
+    p.add_argument("--train-size", type=int, default=3000, help="training images used (subset)")
     p.add_argument("--width", type=int, default=32, help="starting width of every group")
     p.add_argument("--deltas", type=float, nargs=3, default=[0.02, 0.04, 0.08],
                    help="three CONet rank-slope thresholds")  # fmt: skip
-    p.add_argument("--trials", type=int, default=6, help="CONet trials")
+    p.add_argument("--trials", type=int, default=5, help="CONet trials")
     p.add_argument("--epochs-per-trial", type=int, default=3, help="epochs per CONet trial")
-    p.add_argument("--final-epochs", type=int, default=8, help="epochs to train every final model")
+    p.add_argument("--final-epochs", type=int, default=6, help="epochs to train every final model")
     p.add_argument("--scale", type=float, default=0.5, help="static scaling factor S of Eq. 4")
     p.add_argument("--batch-size", type=int, default=128, help="batch size")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
