@@ -39,7 +39,7 @@ class OpRule:
     """A channel rule and, for modules with parameters, how to update their attributes."""
 
     channels: Callable[[RuleContext], Any]
-    update: Callable[[nn.Module, SizeOf, dict[str, Any]], None] | None = None
+    update: Callable[[Any, SizeOf, dict[str, Any]], None] | None = None
     name: str = ""
 
     def __call__(self, ctx: RuleContext) -> Any:
@@ -115,7 +115,7 @@ def register_op(
                 f"register_op({_name(target)}): unknown rule {rule!r}; use one of "
                 f"{sorted(shorthand)} or a function rule(ctx)"
             )
-        fn = shorthand[rule]
+        fn: Callable[[RuleContext], Any] = shorthand[rule]
     elif callable(rule):
         fn = rule
     else:
@@ -387,7 +387,7 @@ def _conv_module(ctx: RuleContext) -> Any:
     return out
 
 
-def _update_conv(m: nn.Module, size_of: SizeOf, notes: dict[str, Any]) -> None:
+def _update_conv(m: Any, size_of: SizeOf, notes: dict[str, Any]) -> None:
     lin, lout = notes["layouts"]
     m.in_channels = size_of(lin)
     m.out_channels = size_of(lout)
@@ -483,7 +483,7 @@ def _linear_module(ctx: RuleContext) -> Any:
     return (*xd[:-1], w[0])
 
 
-def _update_linear(m: nn.Module, size_of: SizeOf, notes: dict[str, Any]) -> None:
+def _update_linear(m: Any, size_of: SizeOf, notes: dict[str, Any]) -> None:
     lin, lout = notes["layouts"]
     m.in_features = size_of(lin)
     m.out_features = size_of(lout)
@@ -518,7 +518,7 @@ def _embedding(ctx: RuleContext) -> Any:
     return (*xd, w[1])
 
 
-def _update_embedding(m: nn.Module, size_of: SizeOf, notes: dict[str, Any]) -> None:
+def _update_embedding(m: Any, size_of: SizeOf, notes: dict[str, Any]) -> None:
     m.embedding_dim = size_of(notes["layouts"][0])
 
 
@@ -542,7 +542,7 @@ def _batch_norm(ctx: RuleContext) -> Any:
     return xd
 
 
-def _update_batch_norm(m: nn.Module, size_of: SizeOf, notes: dict[str, Any]) -> None:
+def _update_batch_norm(m: Any, size_of: SizeOf, notes: dict[str, Any]) -> None:
     m.num_features = size_of(notes["layouts"][0])
 
 
@@ -579,7 +579,7 @@ def _layer_norm(ctx: RuleContext) -> Any:
     return xd
 
 
-def _update_layer_norm(m: nn.Module, size_of: SizeOf, notes: dict[str, Any]) -> None:
+def _update_layer_norm(m: Any, size_of: SizeOf, notes: dict[str, Any]) -> None:
     m.normalized_shape = tuple(size_of(layout) for layout in notes["layouts"])
 
 
@@ -643,7 +643,7 @@ def _group_structure(ctx: RuleContext, lc: Layout, g: int, c: int) -> None:
         ctx.freeze(lc, reason=f"{ctx.describe()}: channels are not whole groups")
 
 
-def _update_group_norm(m: nn.Module, size_of: SizeOf, notes: dict[str, Any]) -> None:
+def _update_group_norm(m: Any, size_of: SizeOf, notes: dict[str, Any]) -> None:
     c = size_of(notes["layouts"][0])
     m.num_channels = c
     if notes["groups"] != 1:
@@ -704,7 +704,7 @@ def _prelu(ctx: RuleContext) -> Any:
     return xd
 
 
-def _update_prelu(m: nn.Module, size_of: SizeOf, notes: dict[str, Any]) -> None:
+def _update_prelu(m: Any, size_of: SizeOf, notes: dict[str, Any]) -> None:
     m.num_parameters = size_of(notes["layouts"][0])
 
 
@@ -794,7 +794,7 @@ def _cat(ctx: RuleContext) -> Any:
         return ctx.opaque()
     n = ctx.out.dim()
     dim = _norm_dim(dim, n)
-    parts: list[Layout] = []
+    parts: list[tuple[int, int, int]] = []
     result: list[Layout | None] = [None] * n
     for t in tensors:
         d = ctx.dims(t)
@@ -970,7 +970,7 @@ def _index(ctx: RuleContext, x: Any, idx: Any) -> Any:
         base = ctx.node.args
 
         def fix(size_of: SizeOf) -> dict[str, Any]:
-            rebuilt = []
+            rebuilt: list[Any] = []
             for item in new_items:
                 if isinstance(item, tuple) and item[0] == "int":
                     rebuilt.append(size_of(item[1]) if item[1] else 0)

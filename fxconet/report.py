@@ -61,9 +61,9 @@ def plot_history(report: Mapping[str, Any], out: str | os.PathLike[str]) -> list
         gids = sorted({int(k) for r in history for k in r["widths"]})
         trials = [r["trial"] for r in history] + [history[-1]["trial"] + 1]
         for gid in gids:
-            ys = [r["widths"].get(str(gid)) for r in history]
-            ys.append((history[-1].get("next_widths") or history[-1]["widths"]).get(str(gid)))
-            ax.plot(trials, ys, marker=".", linewidth=1)
+            widths = [r["widths"].get(str(gid)) for r in history]
+            widths.append((history[-1].get("next_widths") or history[-1]["widths"]).get(str(gid)))
+            ax.plot(trials, widths, marker=".", linewidth=1)
         ax.set(xlabel="trial", ylabel="channels", title="Width of each channel group")
         ax.grid(alpha=0.3)
         written.append(_save(fig, out / "widths.png"))
@@ -91,8 +91,8 @@ def plot_history(report: Mapping[str, Any], out: str | os.PathLike[str]) -> list
     if points or final is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         if points:
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, ys, marker="o", linestyle="-", linewidth=0.8, label="trials (validation)")
+            ax.plot(*zip(*points, strict=True), marker="o", linestyle="-", linewidth=0.8,
+                    label="trials (validation)")  # fmt: skip
         if final is not None:
             ax.scatter([report["params_after"]], [final], color="C3", zorder=3,
                        label="final model (test)")  # fmt: skip

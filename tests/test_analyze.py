@@ -745,9 +745,14 @@ def test_predicted_params_and_macs_match_the_resized_model():
     from fxconet.passes.resize_layers import predict_macs, predict_params
     from fxconet.train import count_macs
 
-    for model, x in ((Concat(), torch.randn(1, 3, 6, 6)), (ChannelsLast(), torch.randn(1, 3, 8, 8)),
-                     (Grouped(), torch.randn(1, 3, 6, 6)), (RawParameterConv(), torch.randn(1, 3, 5, 5)),
-                     (Decoder(), torch.randn(1, 3, 8, 8))):  # fmt: skip
+    cases = [
+        (Concat(), torch.randn(1, 3, 6, 6)),
+        (ChannelsLast(), torch.randn(1, 3, 8, 8)),
+        (Grouped(), torch.randn(1, 3, 6, 6)),
+        (RawParameterConv(), torch.randn(1, 3, 5, 5)),
+        (Decoder(), torch.randn(1, 3, 8, 8)),
+    ]
+    for model, x in cases:
         graph = fxconet.analyze(model.eval(), x)
         widths = {g.id: g.divisor * max(1, g.size // g.divisor // 2) for g in graph.free}
         gm = fxconet.resize(graph, widths)

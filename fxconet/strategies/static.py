@@ -168,7 +168,7 @@ def run(ctx: SearchContext) -> SearchOutcome:
     run_training(
         baseline,
         epochs=epochs,
-        on_epoch_end=lambda epoch, m: tracker.update(),
+        on_epoch_end=lambda epoch, m: None if tracker.update() else None,
         data=ctx.train_data,
         config=ctx.train_config,
         train_fn=ctx.train_fn,
