@@ -312,6 +312,7 @@ def _conv_core(
     groups: int,
     spatial: int,
     transposed: bool,
+    stride: Any = 1,
 ) -> tuple[Any, Layout, Layout, int | None]:
     """Shared by conv modules and functional convs: returns (out dims, in, out, dw multiplier)."""
     xd = ctx.dims(x)
@@ -355,7 +356,18 @@ def _conv_core(
             ctx.produce(w[1])
     if bias is not None:
         ctx.tie(bias[0], lout)
-    spatial_dims = ctx.fixed_dims(ctx.out.shape[cdim + 1 :], "spatial dim")
+    strides = (stride,) * spatial if isinstance(stride, int) else tuple(stride)
+    spatial_dims = []
+    for k, d in enumerate(range(cdim + 1, len(xs))):
+        size = ctx.out.shape[d]
+        layout = xd[d]
+        if not transposed and strides[k] == 1 and size == xs[d] and _variable(ctx, layout):
+            # a conv sliding along channels (ECA attention: conv1d over pooled channels) keeps
+            # their number; neighbouring channels mix, so removal is not exact
+            ctx.inexact(layout)
+            spatial_dims.append(layout)
+        else:
+            spatial_dims.append(ctx.fixed(size, "spatial dim"))
     return (*xd[:cdim], lout, *spatial_dims), lin, lout, multiplier
 
 
@@ -369,7 +381,7 @@ def _conv_module(ctx: RuleContext) -> Any:
     w = ctx.param("weight")
     b = ctx.param("bias")
     spatial = len(m.kernel_size)
-    out, lin, lout, mult = _conv_core(ctx, x, w, b, m.groups, spatial, transposed)
+    out, lin, lout, mult = _conv_core(ctx, x, w, b, m.groups, spatial, transposed, m.stride)
     if mult is not None:
         kind = "depthwise"
     else:
@@ -407,7 +419,10 @@ def _functional_conv(spatial: int, transposed: bool) -> Callable[[RuleContext], 
         if w is None or ctx.dims(x) is None or not isinstance(groups, int):
             return ctx.opaque()
         b = ctx.dims(bnode) if isinstance(bnode, torch.fx.Node) else None
-        out, lin, lout, mult = _conv_core(ctx, x, w, b, groups, spatial, transposed)
+        stride = ctx.arg(3, "stride", 1)
+        if not isinstance(stride, int | tuple | list):
+            return ctx.opaque()
+        out, lin, lout, mult = _conv_core(ctx, x, w, b, groups, spatial, transposed, stride)
         kind = "depthwise" if mult is not None else ("conv_transpose" if transposed else "conv")
         _mark_param_roles(ctx, wnode, bnode, kind, lin, lout)
         if mult is not None and _variable(ctx, lin):
@@ -948,7 +963,8 @@ def _index(ctx: RuleContext, x: Any, idx: Any) -> Any:
             d += 1
             continue
         start, stop, step = it.indices(size)
-        if (start, stop, step) == (0, size, 1):
+        whole = (start, stop, step) == (0, size, 1)
+        if whole and it.stop is None and it.start in (None, 0):
             out.append(layout)
             new_items.append(it)
         elif not _variable(ctx, layout):

@@ -386,6 +386,60 @@ def test_channel_slicing():
     assert_exact_removal(model, x)
 
 
+class GhostModule(nn.Module):
+    """GhostNet: cat of a conv and a cheap depthwise copy, sliced to a literal width that
+    happens to be the whole concatenation."""
+
+    def __init__(self, out_chs: int) -> None:
+        super().__init__()
+        self.out_chs = out_chs
+        self.primary = nn.Conv2d(3, 4, 1)
+        self.cheap = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.head = nn.Conv2d(out_chs, 2, 1)
+
+    def forward(self, x):
+        x1 = torch.relu(self.primary(x))
+        out = torch.cat([x1, torch.relu(self.cheap(x1))], dim=1)
+        return self.head(out[:, : self.out_chs, :, :]).mean((2, 3))
+
+
+@pytest.mark.parametrize("out_chs", [8, 6])
+def test_literal_slice_bounds_are_rewritten_even_when_whole(out_chs):
+    model, x = GhostModule(out_chs).eval(), torch.randn(2, 3, 5, 5)
+    graph = fxconet.analyze(model, x)
+    for result in testing.check_all(model, x):
+        assert result.ok, result
+    gm = fxconet.resize(graph, {g.id: g.size + 3 for g in graph.free})
+    assert run(gm, x).shape == (2, 2)
+
+
+class EfficientChannelAttention(nn.Module):
+    """ECA: a conv1d slides along the pooled channels; its output gates the feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.eca = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.head = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        y = self.eca(x.mean((2, 3)).view(x.shape[0], 1, -1))
+        y = torch.sigmoid(y).view(x.shape[0], -1, 1, 1)
+        return self.head(x * y.expand_as(x)).mean((2, 3))
+
+
+def test_conv_along_channels_keeps_the_group_free():
+    model, x = EfficientChannelAttention().eval(), torch.randn(2, 3, 5, 5)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    g = groups[("conv",)]
+    assert g.free and not g.exact and groups[("eca",)].frozen  # its 1 channel is reshaped away
+    gm = fxconet.resize(graph, {g.id: 7})
+    assert run(gm, x).shape == (2, 2)
+    assert testing.check_random_resize(model, x, graph=graph).ok
+
+
 class PixelShuffleNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
