@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,8 @@ def analyze(
     label_edges(solution)
     if probe is True or (probe == "auto" and solution.needs_probe):
         graph = probe_channels(graph)
+    for note in graph.notes:
+        warnings.warn(f"fxconet.analyze({graph.model_name}): {note}", stacklevel=2)
     return graph
 
 

@@ -125,6 +125,15 @@ class EdgeInfo:
 class ChannelGraph:
     """Independent channel groups of a model, as found by :func:`fxconet.analyze`.
 
+    Attributes:
+        groups: the channel groups, ids 0..n-1.
+        layers: every layer with its input and output groups.
+        tensors, edges: the paper's DAG (see :meth:`to_networkx`).
+        model_name: the model's class name.
+        notes: things the user should know (e.g. Python branches specialised to the example
+            input's shapes while tracing).
+        state: the solver's state, used by :func:`fxconet.resize` (internal).
+
     Example:
         >>> graph = fxconet.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
         >>> print(graph)                   # a table of groups
@@ -136,6 +145,7 @@ class ChannelGraph:
     tensors: tuple[TensorInfo, ...] = ()
     edges: tuple[EdgeInfo, ...] = ()
     model_name: str = "model"
+    notes: tuple[str, ...] = ()
     state: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -235,7 +245,7 @@ class ChannelGraph:
             f"ChannelGraph({self.model_name}): {len(self.groups)} groups, {len(self.free)} free, "
             f"{pct:.1f}% of conv parameters free"
         )
-        return "\n".join([header, *lines])
+        return "\n".join([header, *lines, *(f"note: {n}" for n in self.notes)])
 
     def __str__(self) -> str:
         return self.table()

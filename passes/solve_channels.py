@@ -64,6 +64,7 @@ class Solution:
     rewrites: dict[str, list[Rewrite]]
     kinds: dict[str, str]
     provenance: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
     group_of: dict[int, int] = field(default_factory=dict)  # leaf var -> group id
     leaf_of: list[int] = field(default_factory=list)  # group id -> leaf var
     unit: list[int] = field(default_factory=list)  # group id -> channels per base slot
@@ -312,6 +313,7 @@ class _Solver:
         self.kinds: dict[str, str] = {}
         self.provenance: dict[str, Any] = {}
         self.needs_probe = False
+        self.notes: list[str] = []
         self.freeze_types = tuple(f for f in freeze if isinstance(f, type))
         self.freeze_paths = {f for f in freeze if isinstance(f, str)}
         bad = [f for f in freeze if not isinstance(f, type | str)]
@@ -332,6 +334,46 @@ class _Solver:
     def run(self) -> None:
         for node in self.traced.graph.nodes:
             self.visit(node)
+        for guard in self.traced.guards:
+            self.freeze_guard(guard)
+
+    def freeze_guard(self, guard: torch.fx.Node) -> None:
+        """Python control flow decided on ``guard``'s value while tracing: freeze the sizes it
+        measured, so no resize can take the other branch."""
+        scope = guard.meta[META_KEY].scope if META_KEY in guard.meta else ""
+        where = f"`{scope}`" if scope else "the model's forward"
+        reason = (
+            f"a Python branch in {where} (node `{guard.name}`) depends on this size; the trace "
+            "took the branch of the example input"
+        )
+        self.notes.append(
+            f"{where}: Python control flow at node `{guard.name}` was decided on the example "
+            "input's shapes; the traced graph is specialised to them there"
+        )
+        seen: set[str] = set()
+        stack = [guard]
+        while stack:
+            n = stack.pop()
+            if n.name in seen:
+                continue
+            seen.add(n.name)
+            prov = self.provenance.get(n.name)
+            if prov is not None:
+                self._freeze_any(prov, reason)
+                continue
+            if isinstance(n.meta[META_KEY].value, torch.Tensor):
+                self._freeze_any(self.dims.get(n.name), reason)
+                continue
+            stack.extend(n.all_input_nodes)
+
+    def _freeze_any(self, dims: Any, reason: str) -> None:
+        if dims is None:
+            return
+        if _is_layout(dims):
+            self.slots.freeze(dims, reason)
+            return
+        for d in dims:
+            self._freeze_any(d, reason)
 
     def visit(self, node: torch.fx.Node) -> None:
         info: NodeInfo = node.meta[META_KEY]
@@ -453,6 +495,7 @@ def solve_channels(
         rewrites=solver.rewrites,
         kinds=solver.kinds,
         provenance=solver.provenance,
+        notes=solver.notes,
         needs_probe=solver.needs_probe,
     )
     return build_graph(solution, name or traced.name), solution
@@ -570,6 +613,7 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
         tensors=tensors,
         edges=edges,
         model_name=name,
+        notes=tuple(solution.notes),
         state=solution,
     )
 

@@ -67,6 +67,7 @@ class Traced:
     graph: torch.fx.Graph
     name: str
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    guards: list[torch.fx.Node] = field(default_factory=list)
 
     def module(self, path: str) -> nn.Module:
         """The submodule at ``path`` of the traced copy."""
@@ -136,6 +137,17 @@ class _ValueProxy(torch.fx.Proxy):
             return n
         return super().__len__()
 
+    def __index__(self) -> int:
+        tracer = self.tracer
+        if isinstance(tracer, _Tracer) and tracer.example is not None:
+            value = tracer.value_of(self.node)
+            if isinstance(value, int) and not isinstance(value, bool):
+                tracer.guard(self.node)
+                return value
+        raise torch.fx.proxy.TraceError(
+            f"{self.node.name} is a traced value and cannot be used as a Python int"
+        )
+
 
 class _Tracer(torch.fx.Tracer):
     """A tracer with user leaf modules, a module stack for error messages, node scopes, and
@@ -158,6 +170,7 @@ class _Tracer(torch.fx.Tracer):
         self._cache: dict[int, nn.Module] = {}
         self._inputs: dict[torch.fx.Node, Any] | None = None
         self._evaluating = False  # computing values: modules run for real (on meta tensors)
+        self.guards: list[torch.fx.Node] = []
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _ValueProxy(node, self)
@@ -189,6 +202,22 @@ class _Tracer(torch.fx.Tracer):
         finally:
             self._evaluating = False
         return self.values[node]
+
+    def guard(self, node: torch.fx.Node) -> None:
+        """Record that Python control flow used this node's value (the trace is specialised to
+        the example inputs there)."""
+        if node not in self.guards:
+            self.guards.append(node)
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        """``if x.shape[-1] % 2:`` and the like: decided on the example input's shapes, and
+        recorded as a guard (the analysis freezes the channels such a branch depends on)."""
+        if self.example is not None:
+            value = self.value_of(obj.node)
+            if isinstance(value, bool | int):
+                self.guard(obj.node)
+                return bool(value)
+        return super().to_bool(obj)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         if self._evaluating:
@@ -321,7 +350,7 @@ def trace_model(
         ) from e
     for node, scope in tracer.scopes.items():
         node.meta[META_KEY] = NodeInfo(value=None, scope=scope)
-    return Traced(root=root, graph=graph, name=name)
+    return Traced(root=root, graph=graph, name=name, guards=list(tracer.guards))
 
 
 def _has_submodule(root: nn.Module, path: str) -> bool:

@@ -619,6 +619,41 @@ def test_leaf_module_without_rule_is_frozen_with_reason():
     assert g.frozen and "no channel rule" in g.reason and "block" in g.reason
 
 
+class ShapeBranch(nn.Module):
+    """Python branches on shapes: timm-style padding checks and a channel-count switch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        if x.shape[-1] % 2 == 1:  # spatial: decided on the example input
+            x = F.pad(x, (0, 1, 0, 1))
+        y = self.conv(x)
+        repeats = y.shape[1] // 8
+        if y.size(1) == 8:  # channels: the group must stay 8
+            y = self.proj(y)
+        for _ in range(repeats):
+            y = torch.relu(y)
+        return self.head(y).mean((2, 3))
+
+
+def test_shape_dependent_branches_are_traced_and_guarded():
+    model, x = ShapeBranch().eval(), torch.randn(2, 3, 7, 7)
+    with pytest.warns(UserWarning, match="specialised"):
+        graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    conv = groups[("conv",)]
+    assert conv.frozen and ("branch" in conv.reason or "compared with a constant" in conv.reason)
+    assert groups[("proj",)].free
+    assert "specialised" in str(graph)
+    gm = fxconet.resize(graph, {groups[("proj",)].id: 5})
+    torch.testing.assert_close(run(fxconet.resize(graph, {}), x), run(model, x))
+    assert run(gm, x).shape == (2, 2)
+
+
 class Swish(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(x)
