@@ -329,7 +329,7 @@ def tracking_overhead(args: argparse.Namespace) -> dict:
         loss = loss_fn(model(xs[idx]), ys[idx])
         loss.backward()
         opt.step()
-        total += float(loss) * len(idx)
+        total += float(loss.detach()) * len(idx)
     epoch = time.perf_counter() - t0
     out = {
         "data": source,
@@ -413,7 +413,7 @@ def main(args: argparse.Namespace) -> dict:
 def table(results: dict) -> str:
     cfg = results["config"]
     lines = [
-        f"## fxconet.metrics vs a per-layer baseline ({cfg['torch_threads']} threads, "
+        f"## fxconet.metrics vs a per-layer baseline (threads={cfg['torch_threads']}, "
         f"torch {cfg['torch']}, load average before/after {cfg['loadavg_before'][0]:.1f}/"
         f"{cfg['loadavg_after'][0]:.1f})",
         "",
@@ -423,6 +423,17 @@ def table(results: dict) -> str:
         "than columns, which the default mode transposes and the paper's code does not; on wide "
         "ones the default differs from the paper's code only by its exact, global sigma2 search.",
         "",
+    ]
+    if cfg["loadavg_before"][0] > (cfg["cpu_count"] or 1):
+        lines += [
+            f"The machine ({cfg['cpu_count']} cores) was shared with other jobs during this run "
+            "(load average above the core count): both sides slow down alike, but single runs "
+            "vary by about 20%. With more threads than free cores, OpenMP/BLAS barriers stall "
+            "on descheduled threads (a 64x576 SVD took 0.8 s instead of 1 ms here), so a busy "
+            "machine is measured with --threads 1.",
+            "",
+        ]
+    lines += [
         "| model | weights | convs (dw) | fxconet | baseline | speedup | fxconet reference "
         "| speedup | agree: reference mode | agree: default mode | default: wide / tall "
         "unfoldings agree |",

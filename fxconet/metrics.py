@@ -97,7 +97,7 @@ _GOLDEN = 0.5 * (3.0 - math.sqrt(5.0))
 # Default mode: Phi is cut at _GRID even points in ln(sigma2) besides its kinks, and Phi' = 0 is
 # solved (at most _ROOT_STEPS regula falsi steps) in cells holding a minimum; _LOG_FLOOR bounds
 # ln(sigma2 / upper) when the lower bound is 0 (exactly low-rank input).
-_GRID = 32
+_GRID = 16
 _LOG_FLOOR = -60.0
 _ROOT_STEPS = 100
 _TIE = 1e-12  # x_h within this relative distance of x_bar sits on a kink
@@ -1009,7 +1009,10 @@ def metrics_table(metrics: Sequence[LayerMetrics]) -> str:
 
     Example:
         >>> import torch.nn as nn
-        >>> print(metrics_table(layer_metrics(nn.Sequential(nn.Conv2d(3, 8, 3)))))  # doctest: +SKIP
+        >>> print(metrics_table(layer_metrics(nn.Sequential(nn.Conv2d(3, 8, 3)))))
+        path  kind  shape    R_in   R_out  R_bar  k_in  k_out
+        -----------------------------------------------------
+        0     conv  8x3x3x3  0.000  0.000  0.000  0.00  0.00
     """
     head = ("path", "kind", "shape", "R_in", "R_out", "R_bar", "k_in", "k_out")
     rows = [head]
@@ -1188,6 +1191,13 @@ class RankTracker:
             path: module path of a tracked layer.
             metric: one of ``in_rank, out_rank, in_condition, out_condition, in_gain, out_gain,
                 mean_rank``.
+
+        Example:
+            >>> import torch.nn as nn
+            >>> tracker = RankTracker(nn.Sequential(nn.Conv2d(3, 8, 3)))
+            >>> _ = tracker.update()
+            >>> tracker.series("0", "out_rank")
+            array([0.])
         """
         if path not in self._history:
             raise MetricsError(

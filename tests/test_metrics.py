@@ -4,7 +4,7 @@ Two independent oracles written here from the published formulas (conet-paper Eq
 Nakajima et al. as summarised in conet.md §1.2):
 
 * ``direct_evbmf``: the sound mode, one matrix at a time in float64 with numpy's SVD, sigma2 by a
-  4000-point grid over the bounds plus scipy refinement of the 20 best points (a brute-force
+  4000-point grid over the bounds plus scipy refinement of the 5 best points (a brute-force
   global search);
 * ``reference_evbmf``: the paper's code path step by step (no transpose, float32 singular values,
   float32 bounds, ``scipy.optimize.minimize_scalar(method="bounded")`` with default options,
@@ -13,6 +13,7 @@ Nakajima et al. as summarised in conet.md §1.2):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -44,9 +45,18 @@ TAU = 2.5129
 def _one_thread():
     # Small LAPACK calls gain nothing from threads, and on a shared 2-core machine an OpenMP
     # barrier per call can cost a scheduler slice (0.8 s for a 64 x 576 SVD instead of 1 ms).
+    # numpy's BLAS (the oracles' SVDs) has its own pool: hold it to one thread too when
+    # threadpoolctl is installed.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with contextlib.ExitStack() as stack:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
+        except ImportError:
+            pass
+        yield
     torch.set_num_threads(threads)
 
 
@@ -69,6 +79,19 @@ def _phi(s: np.ndarray, L: int, M: int, sig2: float) -> float:
     )
 
 
+def _phi_grid(s: np.ndarray, L: int, M: int, sig2: np.ndarray) -> np.ndarray:
+    """``_phi`` at many sigma2 at once (same formula, broadcast over a grid)."""
+    alpha = L / M
+    tau = TAU * math.sqrt(alpha)
+    x_bar = (1 + tau) * (1 + alpha / tau)
+    x = s[None, :] ** 2 / (M * sig2[:, None])
+    big = x > x_bar
+    xb = np.where(big, x, x_bar)
+    t = 0.5 * (xb - (1 + alpha) + np.sqrt((xb - (1 + alpha)) ** 2 - 4 * alpha))
+    term_big = xb - t + np.log((t + 1) / xb) + alpha * np.log(t / alpha + 1)
+    return np.where(big, term_big, x - np.log(x)).sum(axis=1) + (L - len(s)) * np.log(sig2)
+
+
 def direct_evbmf(y: np.ndarray) -> dict:
     """Sound-mode EVBMF of one matrix: float64, transposed to L <= M, brute-force global sigma2."""
     y = np.asarray(y, dtype=np.float64)
@@ -83,9 +106,9 @@ def direct_evbmf(y: np.ndarray) -> dict:
     upper = np.sum(s**2) / (L * M)
     lower = max(s[h] ** 2 / (M * x_bar), np.mean(s[h:] ** 2) / M)
     grid = np.exp(np.linspace(math.log(lower), math.log(upper), 4000))
-    values = np.array([_phi(s, L, M, g) for g in grid])
+    values = _phi_grid(s, L, M, grid)
     best = None
-    for j in np.argsort(values)[:20]:
+    for j in np.argsort(values)[:5]:
         res = minimize_scalar(
             lambda v: _phi(s, L, M, v),
             bounds=(grid[max(j - 1, 0)], grid[min(j + 1, len(grid) - 1)]),
