@@ -885,8 +885,9 @@ class _Layer:
     out_dim: int
 
 
-def _find_layers(model: nn.Module) -> list[_Layer]:
-    """Conv-like modules in registration order (the reference's ``parameters()`` order)."""
+def _find_layers(model: nn.Module, graph: ChannelGraph | None = None) -> list[_Layer]:
+    """Conv-like modules in registration order (the reference's ``parameters()`` order), then
+    the raw weight parameters that ``graph`` lists as layers (``F.conv2d(x, self.weight)``)."""
     layers = []
     for path, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):
@@ -909,6 +910,18 @@ def _find_layers(model: nn.Module) -> list[_Layer]:
                 f"run one forward pass before computing metrics"
             )
         layers.append(_Layer(path or "<root>", kind, weight, in_dim, out_dim))
+    if graph is not None:
+        seen = {layer.path for layer in layers}
+        dims = {"conv": (1, 0), "linear": (1, 0), "conv_transpose": (0, 1)}
+        for info in graph.layers:
+            if info.kind not in dims or info.path in seen:
+                continue
+            try:
+                weight = model.get_parameter(info.path)
+            except AttributeError:
+                continue
+            if weight.dim() >= 2:
+                layers.append(_Layer(info.path, info.kind, weight, *dims[info.kind]))
     return layers
 
 
@@ -1143,7 +1156,7 @@ class RankTracker:
         Raises:
             MetricsError: the model's layers changed within a trial (call :meth:`reset`).
         """
-        layers = _find_layers(self.model)
+        layers = _find_layers(self.model, self.graph)
         metrics = _compute(layers, self.reference)
         if self._epochs and [m.path for m in metrics] != list(self._history):
             raise MetricsError(

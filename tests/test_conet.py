@@ -281,3 +281,25 @@ def test_train_config_is_forwarded():
         log=seen.append, progress=False,
     )  # fmt: skip
     assert result.accuracy is not None and result.config["train"]["lr"] == 0.01
+
+
+class RawConvNet(nn.Module):
+    """A conv through F.conv2d on a raw parameter: its ranks are tracked like a module's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(12, 1, 3, 3) * 0.3)
+        self.c2 = nn.Conv2d(12, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(nn.functional.conv2d(x, self.weight, padding=1))
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+def test_search_tracks_raw_parameter_convs():
+    result = fxconet.optimize_channels(RawConvNet(), data="digits", **dict(SMALL, trials=2))
+    first = result.history[0]
+    assert "weight" in first["layer_ranks"]
+    gid = next(g.id for g in result.graph.free if g.producers == ("weight",))
+    assert first["slopes"][str(gid)] is not None
