@@ -11,6 +11,7 @@ __all__ = [
     "ChannelError",
     "DataError",
     "FxconetError",
+    "MetricsError",
     "ModelError",
     "ShapeError",
     "TraceError",
@@ -53,6 +54,10 @@ class VerificationError(FxconetError, RuntimeError):
 
 class DataError(FxconetError, ValueError):
     """A dataset name, folder or file is missing or malformed."""
+
+
+class MetricsError(FxconetError, ValueError):
+    """A weight, model or channel graph the metrics cannot be computed for."""
 
 
 class ModelError(FxconetError, ValueError):

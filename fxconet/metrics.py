@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxconet.errors import FxconetError
+from fxconet.errors import MetricsError
 from fxconet.ir import ChannelGraph, LayerInfo
 
 __all__ = [
@@ -109,10 +109,6 @@ _EVAL_ELEMENTS = 1 << 18
 #: ``LayerMetrics.kind`` values, and the per-epoch series a :class:`RankTracker` stores.
 LAYER_KINDS = ("conv", "linear", "conv_transpose", "depthwise")
 METRIC_NAMES = ("in_rank", "out_rank", "in_condition", "out_condition", "in_gain", "out_gain")
-
-
-class MetricsError(FxconetError, ValueError):
-    """A weight, model or channel graph the metrics cannot be computed for."""
 
 
 # ------------------------------------------------------------------------------------------------
