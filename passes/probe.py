@@ -22,11 +22,20 @@ __all__ = ["probe_channels", "probe_widths"]
 
 
 def probe_widths(graph: ChannelGraph) -> dict[int, int]:
-    """A distinct perturbation of every free group's width (shrink if possible, else grow)."""
+    """A new width for every free group, all different from each other and from the groups'
+    current widths, so a run-time size borrowed from the wrong group shows (nearest first,
+    shrinking before growing)."""
+    used = {g.size for g in graph.groups}
     widths: dict[int, int] = {}
-    for k, g in enumerate(graph.free):
-        delta = g.divisor * (1 + k % 3)
-        widths[g.id] = g.size - delta if g.size - delta >= g.divisor else g.size + delta
+    for g in graph.free:
+        k = 1
+        while g.id not in widths:
+            for cand in (g.size - k * g.divisor, g.size + k * g.divisor):
+                if cand >= g.divisor and cand not in used:
+                    widths[g.id] = cand
+                    used.add(cand)
+                    break
+            k += 1
     return widths
 
 

@@ -848,3 +848,34 @@ def test_predicted_params_and_macs_match_the_resized_model():
         assert predict_params(graph, widths) == sum(p.numel() for p in gm.parameters())
         assert predict_macs(graph, widths) == count_macs(gm, x)
         assert predict_macs(graph, {}) == count_macs(model, x)
+
+
+class BorrowedSize(nn.Module):
+    """Reshapes one group with a size computed from another group at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(3, 6, 1)
+        self.head = nn.Conv2d(22, 2, 1)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        n, c, h, w = b.shape
+        a = a.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, -1, h, w)
+        return self.head(torch.cat([a, b, self.c(x)], 1)).mean((2, 3))
+
+
+def test_probe_freezes_what_run_time_sizes_contradict():
+    model, x = BorrowedSize().eval(), torch.randn(2, 3, 4, 4)
+    graph = fxconet.analyze(model, x)
+    groups = by_producers(graph)
+    assert groups[("a",)].frozen and "shape probe" in groups[("a",)].reason
+    assert groups[("b",)].frozen and groups[("c",)].free
+    assert testing.check_random_resize(model, x, graph=graph).ok
+    unprobed = fxconet.analyze(model, x, probe=False)
+    a, b = by_producers(unprobed)[("a",)], by_producers(unprobed)[("b",)]
+    assert a.free and b.free  # what the rules alone would claim
+    with pytest.raises(fxconet.VerificationError, match="the resized graph fails"):
+        fxconet.resize(unprobed, {a.id: 4})
