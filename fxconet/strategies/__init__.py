@@ -97,7 +97,8 @@ _CONET = {
 _APS = {
     "flops_target", "sharing", "candidates", "warmup_epochs", "search_epochs", "meta_width",
     "tau", "entropy_coeff", "controller_lr", "flops_penalty", "top_n", "decode_init",
-    "search_batches_per_epoch",
+    "search_batches_per_epoch", "init_noise", "cos_every", "baseline_decay", "reward_samples",
+    "transition_every",
 }  # fmt: skip
 
 METHODS: dict[str, Method] = {

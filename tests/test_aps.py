@@ -1,0 +1,355 @@
+"""The APS search: supernet, sharing level, projection, controller, decoding, the search loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxconet
+from fxconet.cli import main
+from fxconet.passes.resize_layers import predict_macs
+from fxconet.strategies.aps import (
+    ApsConfig,
+    Controller,
+    Supernet,
+    beam_search,
+    candidate_widths,
+    decode,
+    independent_sharing,
+    init_projections,
+    ordinal_sharing,
+    project_columns,
+    sharing_level,
+)
+from fxconet.strategies.conet import SearchError
+from fxconet.train import count_macs
+
+X = torch.randn(1, 1, 8, 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # small ops on two oversubscribed cores are far faster on one thread
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Net(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, width, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(width)
+        self.c2 = nn.Conv2d(width, 2 * width, 3, padding=1, stride=2)
+        self.b2 = nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class Branchy(nn.Module):
+    """Concatenated groups, a depthwise conv over them, a grouped conv (divisor 2) and a PReLU
+    (a per-channel parameter) inside a residual sum, and flatten -> linear (each channel
+    repeated 16 times)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.ba = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(1, 6, 3, padding=1)
+        self.dw = nn.Conv2d(14, 14, 3, padding=1, groups=14, bias=False)
+        self.bn = nn.BatchNorm2d(14)
+        self.pw = nn.Conv2d(14, 16, 1)
+        self.gc = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.act = nn.PReLU(16)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.ba(self.a(x))), self.b(x)], 1)
+        y = F.relu(self.bn(self.dw(y)))
+        y = self.pw(y)
+        y = self.act(self.gc(y)) + y
+        return self.fc(torch.flatten(F.avg_pool2d(y, 2), 1))
+
+
+def choices(net: Supernet, n: int, seed: int = 0) -> list[dict[int, int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {g: int(torch.randint(len(net.candidates[g]), (1,), generator=gen)) for g in net.groups}
+        for _ in range(n)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates
+
+
+def test_candidates_respect_divisors():
+    graph = fxconet.analyze(Branchy(), X)
+    fractions = candidate_widths(graph)
+    divided = [g for g in graph.free if g.divisor > 1]
+    assert divided and all(len(fractions[g.id]) > 1 for g in divided)
+    for g in graph.free:
+        assert all(w % g.divisor == 0 and w >= g.divisor for w in fractions[g.id])
+        assert (
+            list(fractions[g.id]) == sorted(set(fractions[g.id])) and max(fractions[g.id]) == g.size
+        )
+    absolute = candidate_widths(graph, [3, 4, 5, 64])
+    for g in graph.free:
+        assert all(w % g.divisor == 0 for w in absolute[g.id]) and 64 in absolute[g.id]
+    assert candidate_widths(graph, {0: [2, 8]})[0] == (2, 8)
+    with pytest.raises(ValueError, match="positive"):
+        candidate_widths(graph, [0.5, -1])
+    with pytest.raises(ValueError, match="sharing"):
+        ApsConfig(sharing="half")
+    with pytest.raises(ValueError, match="independent sharing needs room"):
+        Supernet(graph, candidate_widths(graph), sharing="independent", meta_width="max")
+
+
+# ---------------------------------------------------------------------------------------------
+# sharing level (Eq. 4, Thm. 3.1) and the projection (Eq. 5)
+
+
+@pytest.mark.parametrize("sizes", [[1], [2, 3], [4, 8, 12, 16], [1, 1, 5]])
+def test_sharing_level_closed_forms(sizes):
+    meta = sum(sizes)
+    ordinal = init_projections(meta, sizes, "ordinal")
+    independent = init_projections(meta, sizes, "independent")
+    assert float(sharing_level(ordinal)) == pytest.approx(ordinal_sharing(sizes))
+    assert float(sharing_level(independent)) == pytest.approx(independent_sharing(sizes))
+    # the pairwise definition, term by term
+    pairs = sum(
+        float((ordinal[a].T @ ordinal[b]).pow(2).sum())
+        for a in range(len(sizes))
+        for b in range(a, len(sizes))
+    )
+    assert float(sharing_level(ordinal)) == pytest.approx(pairs)
+
+
+@pytest.mark.parametrize("model", [Net, Branchy])
+def test_supernet_phi_is_the_closed_form_for_ordinal_and_independent(model):
+    graph = fxconet.analyze(model(), X)
+    cands = candidate_widths(graph)
+    ordinal = Supernet(graph, cands, sharing="ordinal")
+    independent = Supernet(graph, cands, sharing="independent")
+    bounds = ordinal.phi_bounds()
+    assert bounds == independent.phi_bounds() and bounds["ordinal"] > bounds["independent"]
+    raw, rel = ordinal.phi()
+    assert raw == pytest.approx(bounds["ordinal"]) and rel == pytest.approx(1.0)
+    raw, rel = independent.phi()
+    assert raw == pytest.approx(bounds["independent"]) and rel < 1.0
+
+
+def test_projected_gradient_descent_keeps_unit_columns_and_lowers_phi():
+    graph = fxconet.analyze(Net(), X)
+    net = Supernet(graph, candidate_widths(graph), sharing="transitionary", noise=1e-2)
+    before = net.phi()
+    fixed = {k: [m.clone() for m in ms] for k, ms in enumerate(net.mats) if net.sets[k].role
+             not in ("in", "out")}  # fmt: skip
+    for _ in range(30):
+        net.pgd_step(2.0)
+    after = net.phi()
+    assert after[1] < before[1] - 0.05 and after[0] < before[0]
+    for k, ms in enumerate(net.mats):
+        for m in ms:
+            torch.testing.assert_close(m.norm(dim=0), torch.ones(m.shape[1]))
+        if k in fixed:
+            assert all(torch.equal(a, b) for a, b in zip(ms, fixed[k], strict=True))
+    col = project_columns(torch.tensor([[3.0, 0.0], [4.0, 2.0]]))
+    torch.testing.assert_close(col, torch.tensor([[0.6, 0.0], [0.8, 1.0]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the supernet against plain networks
+
+
+@pytest.mark.parametrize("model", [Net, Branchy])
+@pytest.mark.parametrize("sharing", ["ordinal", "independent", "transitionary"])
+def test_supernet_forward_equals_a_plain_network_with_the_effective_weights(model, sharing):
+    graph = fxconet.analyze(model(), X)
+    net = Supernet(graph, candidate_widths(graph), sharing=sharing, noise=0.05, seed=1)
+    if sharing == "transitionary":
+        for _ in range(3):
+            net.pgd_step(5.0)  # P/Q far from any selection
+    x = torch.randn(6, 1, 8, 8)
+    for choice in choices(net, 3):
+        widths = net.widths(choice)
+        net.train()
+        net(choice, torch.randn(16, 1, 8, 8))  # fills this choice's BatchNorm statistics
+        plain = fxconet.resize(graph, widths, init="reset")
+        plain.load_state_dict(net.effective(choice, live_stats=False))
+        net.eval()
+        torch.testing.assert_close(net(choice, x), plain.eval()(x), rtol=1e-5, atol=1e-5)
+        net.train()
+        torch.testing.assert_close(net(choice, x, update_stats=False), plain.train()(x))
+
+
+def test_skeletons_are_shared_when_the_forward_code_is_the_same():
+    graph = fxconet.analyze(Net(), X)
+    net = Supernet(graph, candidate_widths(graph), sharing="ordinal")
+    a, b = {g: 0 for g in net.groups}, {g: 3 for g in net.groups}
+    assert net.skeleton(a) is net.skeleton(b)  # channel counts are read from the weights
+    graph = fxconet.analyze(Branchy(), X)
+    net = Supernet(graph, candidate_widths(graph), sharing="ordinal")
+    a, b = {g: 0 for g in net.groups}, {g: 3 for g in net.groups}
+    dw_a, dw_b = net.skeleton(a).get_submodule("dw"), net.skeleton(b).get_submodule("dw")
+    assert (dw_a.groups, dw_b.groups) == (4, 14)  # a depthwise conv's groups follow the width
+
+
+def test_candidate_kernel_is_equation_2():
+    graph = fxconet.analyze(Net(), X)
+    net = Supernet(graph, candidate_widths(graph), sharing="transitionary", noise=0.1)
+    choice = {g: 1 for g in net.groups}
+    meta = dict(net.meta.named_parameters())["c2.weight"]  # [C_out, C_in, 3, 3]
+    p = net.mats[net._set_index[("c2", "out", 1)]][1]
+    q = net.mats[net._set_index[("c2", "in", 0)]][1]
+    expected = torch.einsum("oihw,ox,iy->xyhw", meta, p, q)
+    torch.testing.assert_close(net.effective(choice)["c2.weight"], expected)
+    # BatchNorm has no affine (reference): weight 1, bias 0 at the candidate's width
+    eff = net.effective(choice)
+    assert torch.equal(eff["b2.weight"], torch.ones(16)) and not eff["b2.bias"].any()
+    # P/Q get no task gradient, the meta-weight does
+    loss = net(choice, torch.randn(4, 1, 8, 8)).sum()
+    loss.backward()
+    assert meta.grad is not None and p.grad is None and not p.requires_grad
+
+
+# ---------------------------------------------------------------------------------------------
+# controller, beam search, decoding
+
+
+def test_controller_samples_only_valid_widths():
+    graph = fxconet.analyze(Branchy(), X)
+    cands = candidate_widths(graph, [2, 3, 4, 8, 16])
+    net = Supernet(graph, cands, sharing="ordinal")
+    ctrl = Controller([len(cands[g]) for g in net.decisions])
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(60):
+        actions, logp, entropy = ctrl.sample(lambda prefix: 1.0, generator=gen)
+        widths = net.widths(dict(zip(net.decisions, actions, strict=True)))
+        for g in graph.free:
+            assert widths[g.id] in cands[g.id] and widths[g.id] % g.divisor == 0
+        assert logp.item() <= 0 and entropy.item() > 0
+        seen.add(tuple(actions))
+    assert len(seen) > 10  # it explores
+
+
+def test_beam_search_finds_the_most_likely_architectures():
+    ctrl = Controller([3, 4, 2])
+    with torch.no_grad():
+        ctrl.head.bias.copy_(torch.tensor([0.0, 3.0, 0.0, 1.0]))  # favour candidate 1
+    top = beam_search(ctrl, lambda prefix: 1.0, top_n=5)
+    greedy, _, _ = ctrl.sample(lambda prefix: 1.0, greedy=True)
+    assert top[0][0] == greedy == [1, 1, 1]
+    assert len({tuple(a) for a, _ in top}) == 5
+    assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+    for actions, _ in top:
+        assert all(0 <= a < n for a, n in zip(actions, ctrl.choices, strict=True))
+
+
+def test_decode_matches_the_sampled_architectures_flops():
+    graph = fxconet.analyze(Branchy(), X)
+    net = Supernet(graph, candidate_widths(graph), sharing="independent")
+    for choice in choices(net, 4, seed=3):
+        widths = net.widths(choice)
+        gm = decode(net, choice)
+        assert count_macs(gm, X) == predict_macs(graph, widths)
+        for g in graph.free:
+            assert fxconet.kept_channels(gm)[g.id].numel() == widths[g.id]
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+
+
+SMALL = dict(
+    method="aps",
+    warmup_epochs=1,
+    search_epochs=2,
+    max_batches_per_epoch=3,
+    batch_size=32,
+    progress=False,
+    cos_every=2,
+    reward_samples=2,
+)
+
+
+def test_aps_end_to_end_report(tmp_path):
+    lines: list[str] = []
+    result = fxconet.optimize_channels(
+        Net(), data="digits", out=tmp_path, epochs=1, init="search", log=lines.append, **SMALL
+    )
+    assert result.method == "aps" and len(result.history) == 3 and len(lines) == 3
+    report = json.loads((tmp_path / "report.json").read_text())
+    for key in ("phi", "macs_before", "macs_after", "phi_relative", "top", "history"):
+        assert key in report
+    assert len(report["phi"]) == 3 and all(p > 0 for p in report["phi"])
+    assert report["macs_before"] == predict_macs(result.graph, {})
+    assert report["macs_after"] == result.macs_after == report["chosen_macs"]
+    assert report["macs_after"] == predict_macs(result.graph, result.widths)
+    cands = report["candidates"]
+    assert all(result.widths[int(g)] in c for g, c in cands.items())
+    target = report["macs_target"]
+    assert min(abs(t["macs"] - target) for t in report["top"]) == abs(result.macs_after - target)
+    assert [h["phase"] for h in result.history] == ["warmup", "search", "search"]
+    assert any(c is not None and -1 <= c <= 1 for c in report["gradient_cosine"])
+    assert 0 <= result.accuracy <= 1 and report["decoded_val_accuracy"] is not None
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"trial_000.json", "trial_002.json", "trial_002.pt", "widths.png"} <= names
+
+
+class Kill(Exception):
+    pass
+
+
+def test_resume_reproduces_an_uninterrupted_search(tmp_path):
+    options = dict(SMALL, sharing="transitionary", tau=3.0)
+    full = fxconet.optimize_channels(Net(), data="digits", out=tmp_path / "full", **options)
+
+    def kill_after_two(line: str) -> None:
+        if line.startswith("epoch 1"):
+            raise Kill
+
+    with pytest.raises(Kill):
+        fxconet.optimize_channels(
+            Net(), data="digits", out=tmp_path / "cut", log=kill_after_two, **options
+        )
+    written = sorted(p.name for p in (tmp_path / "cut").glob("trial_*.json"))
+    assert written == ["trial_000.json", "trial_001.json"]
+    resumed = fxconet.optimize_channels(
+        Net(), data="digits", out=tmp_path / "cut", resume=True, **options
+    )
+    assert resumed.widths == full.widths
+    for a, b in zip(resumed.history, full.history, strict=True):
+        for key in ("train_loss", "reward", "phi", "widths", "gradient_cosine"):
+            assert a[key] == b[key] or math.isclose(a[key], b[key], rel_tol=1e-6), key
+    assert resumed.extra["top"] == full.extra["top"]
+    with pytest.raises(SearchError, match="another model or search configuration"):
+        fxconet.optimize_channels(
+            Net(), data="digits", out=tmp_path / "cut", resume=True, **dict(options, tau=1.0)
+        )
+
+
+def test_cli_optimize_with_aps(tmp_path, capsys):
+    status = main(
+        ["optimize", "cifar_resnet20", "--data", "digits", "--method", "aps", "--flops-target",
+         "0.4", "--sharing", "independent", "--warmup-epochs", "1", "--search-epochs", "1",
+         "--epochs", "1", "--max-batches", "2", "--batch-size", "32", "--out", str(tmp_path),
+         "--quiet"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0 and "MACs" in out and "test accuracy" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["method"] == "aps" and report["config"]["aps"]["sharing"] == "independent"
+    assert report["macs_target"] == pytest.approx(0.4 * report["macs_before"])
+    assert len(report["phi"]) == 2 and report["macs_after"] < report["macs_before"]
