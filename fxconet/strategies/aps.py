@@ -997,6 +997,8 @@ class Controller(nn.Module):
         3
     """
 
+    mask: Tensor  # (decisions, max candidates): valid candidates
+
     def __init__(self, choices: Sequence[int], hidden: int = 64, layers: int = 2) -> None:
         super().__init__()
         if not choices or min(choices) < 1:
@@ -1371,8 +1373,8 @@ def aps_search(
                         actions, logp, ent = controller.sample(budget, generator=gen)
                         choice = choice_of(actions)
                         with torch.no_grad():
-                            out = supernet(choice, xv)
-                        acc = float((out.argmax(1) == yv).float().mean())
+                            pred = supernet(choice, xv).argmax(1)
+                        acc = float((pred == yv).float().mean())
                         f = macs(supernet.widths(choice))
                         samples.append((logp, ent, reward(acc, f)))
                         accs.append(acc)
@@ -1385,13 +1387,11 @@ def aps_search(
                     k = len(rs)
                     # leave-one-out baseline of the samples on the same batch; EMA for one
                     bases = [(k * mean_r - r) / (k - 1) for r in rs] if k > 1 else [baseline]
-                    loss_c = (
-                        sum(
-                            -logp * (r - b) - config.entropy_coeff * ent
-                            for (logp, ent, r), b in zip(samples, bases, strict=True)
-                        )
-                        / k
-                    )
+                    terms = [
+                        -logp * (r - b) - config.entropy_coeff * ent
+                        for (logp, ent, r), b in zip(samples, bases, strict=True)
+                    ]
+                    loss_c = torch.stack(terms).sum() / k
                     opt_c.zero_grad(set_to_none=True)
                     loss_c.backward()
                     opt_c.step()
@@ -1501,37 +1501,29 @@ def aps_search(
 
     # -- top-N by beam search, closest to the target, decode -----------------------------------
     top = beam_search(controller, budget, config.top_n) if decisions else [([], 0.0)]
-    ranked = []
-    for actions, logp in top:
-        choice = choice_of(actions)
-        widths = supernet.widths(choice)
-        ranked.append(
-            {
-                "widths": {str(g): w for g, w in widths.items()},
-                "macs": macs(widths),
-                "log_prob": logp,
-                "choice": choice,
-            }
-        )
-    if target is not None:
-        best = min(ranked, key=lambda r: (abs(r["macs"] - target), -r["log_prob"]))
-    else:
-        best = ranked[0]
-    chosen = supernet.widths(best["choice"])
+    options = [(choice_of(actions), logp) for actions, logp in top]
+    costs = [macs(supernet.widths(c)) for c, _ in options]
+    pick = 0
+    if target is not None:  # closest to the target (paper), the more likely one on a tie
+        pick = min(range(len(options)), key=lambda k: (abs(costs[k] - target), -options[k][1]))
+    best_choice = options[pick][0]
+    chosen = supernet.widths(best_choice)
+    ranked = [
+        {"widths": {str(g): w for g, w in supernet.widths(c).items()}, "macs": f, "log_prob": lp}
+        for (c, lp), f in zip(options, costs, strict=True)
+    ]
     init_state = None
     decoded_acc = None
     if config.decode_init:
         with torch.random.fork_rng(devices=_cuda(device)):
             torch.manual_seed(config.seed + total)
-            final = decode(supernet, best["choice"])
+            final = decode(supernet, best_choice)
             _recalibrate(final, train_data, train_config, device, seed=config.seed + total)
             if val_data is not None:
                 from fxconet.train import evaluate
 
                 decoded_acc = evaluate(final, val_data, batch_size=train_config.batch_size).accuracy
         init_state = {k: v.detach().cpu().clone() for k, v in final.state_dict().items()}
-    for r in ranked:
-        r.pop("choice")
     extra = {
         "phi": [h["phi"] for h in history],
         "phi_relative": [h["phi_relative"] for h in history],
