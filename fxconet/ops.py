@@ -1429,12 +1429,9 @@ def _non_tensor(ctx: RuleContext) -> Any:
     return None
 
 
-def _assert(ctx: RuleContext) -> Any:
+def _no_channels(ctx: RuleContext) -> Any:
+    """Ops on Python values or metadata (``torch._assert``, ``x.dim()``, ``len``)."""
     return None
-
-
-def _dtype_cast(ctx: RuleContext) -> Any:
-    return same(ctx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1618,9 +1615,9 @@ _reg([F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, F.grid
 _reg(F.pixel_shuffle, _pixel_shuffle)
 _reg(F.pixel_unshuffle, _pixel_unshuffle)
 _reg(F.pad, _pad)
-_reg(torch._assert, _assert)
+_reg(torch._assert, _no_channels)
 _reg([getattr], _getattr)
-_reg(len, _assert)
+_reg(len, _no_channels)
 
 for _m in ["relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "abs", "sqrt",
            "rsqrt", "neg", "clamp", "clamp_", "clip", "clamp_min", "clamp_max", "contiguous",
@@ -1656,8 +1653,8 @@ _METHODS.update(
         "tensor_split": OpRule(_split, name="tensor_split"),
         "unbind": OpRule(_unbind, name="unbind"),
         "size": OpRule(_size, name="size"),
-        "dim": OpRule(_assert, name="dim"),
-        "numel": OpRule(_assert, name="numel"),
+        "dim": OpRule(_no_channels, name="dim"),
+        "numel": OpRule(_no_channels, name="numel"),
         "softmax": OpRule(softmax, name="softmax"),
         "log_softmax": OpRule(softmax, name="log_softmax"),
         "zero_": OpRule(same, name="zero_"),

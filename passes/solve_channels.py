@@ -188,10 +188,6 @@ class RuleContext:
         layer.params[name] = id(t)
         return self.solver.param_dims(t, f"{self.path}.{name}" if self.path else name)
 
-    def tensor_dims(self, t: torch.Tensor, path: str) -> Dims:
-        """Per-dim layouts of a raw parameter tensor (created once per tensor)."""
-        return self.solver.param_dims(t, path)
-
     def role(self, name: str, dim: int, role: str) -> None:
         """Mark dim ``dim`` of parameter ``name`` as the layer's "in" or "out" channels."""
         t = getattr(self.module, name)
