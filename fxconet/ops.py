@@ -8,7 +8,26 @@ relates them (``ctx.tie``), creates new widths (``ctx.produce``), freezes what i
 with parameters also give an ``update`` function that sets the module's attributes
 (``in_channels``, ``num_features`` ...) once its parameters have been resized.
 
-Users extend the table with :func:`register_op`.
+Users extend the table with :func:`register_op`. A rule for a module with per-channel
+parameters ties them to the channels and says how to update the module once resized::
+
+    class ChannelScale(nn.Module):            # y = x * weight[None, :, None, None]
+        def __init__(self, channels):
+            super().__init__()
+            self.channels = channels
+            self.weight = nn.Parameter(torch.ones(channels))
+
+    def channel_scale(ctx):
+        dims = ctx.dims(ctx.arg(0))           # one layout per dim of the input
+        ctx.tie(ctx.param("weight")[0], dims[1])
+        ctx.layer("norm").notes["layouts"] = (dims[1],)
+        return dims                           # the output has the input's channels
+
+    def update(module, size_of, notes):
+        module.channels = size_of(notes["layouts"][0])
+
+    fxconet.register_op(ChannelScale, channel_scale, update=update)
+    graph = fxconet.analyze(model, x, leaf_modules=[ChannelScale])
 """
 
 from __future__ import annotations

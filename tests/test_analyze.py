@@ -712,6 +712,51 @@ def test_register_op_for_a_function():
         fxconet.ops._FUNCTIONS.pop(custom_gate)
 
 
+class ChannelScale(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        return x * self.weight.view(1, self.channels, 1, 1)
+
+
+class WithScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.scale = ChannelScale(6)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.scale(self.conv(x)))
+
+
+def test_register_op_with_a_rule_for_parameters():
+    def channel_scale(ctx):
+        dims = ctx.dims(ctx.arg(0))
+        ctx.tie(ctx.param("weight")[0], dims[1])
+        ctx.layer("norm").notes["layouts"] = (dims[1],)
+        return dims
+
+    def update(module, size_of, notes):
+        module.channels = size_of(notes["layouts"][0])
+
+    model, x = WithScale().eval(), torch.randn(1, 3, 4, 4)
+    assert by_producers(fxconet.analyze(model, x, leaf_modules=[ChannelScale]))[("conv",)].frozen
+    fxconet.register_op(ChannelScale, channel_scale, update=update)
+    try:
+        graph = fxconet.analyze(model, x, leaf_modules=[ChannelScale])
+        g = by_producers(graph)[("conv",)]
+        assert g.free and "scale" in g.layers
+        gm = fxconet.resize(graph, {g.id: 4})
+        assert gm.scale.channels == 4 and gm.scale.weight.shape == (4,)
+        assert_exact_removal(model, x, leaf_modules=[ChannelScale])
+    finally:
+        fxconet.ops._MODULES.pop(ChannelScale)
+
+
 def test_register_op_rejects_bad_rules():
     with pytest.raises(fxconet.UnsupportedOpError, match="unknown rule"):
         fxconet.register_op(Swish, "sometimes")
