@@ -173,14 +173,8 @@ def check_zero_removal(
     output legitimately depends on the number of channels. Works in float64 on a copy of
     ``model`` (``inplace=True`` converts and zeroes ``model`` itself, to save memory).
     """
-    # float64: batch statistics of tiny feature maps amplify rounding; in double it stays ~1e-12
-    work = (model if inplace else copy.deepcopy(model)).double()
+    work = (model if inplace else copy.deepcopy(model)).double().eval()
     example_inputs = _double(example_inputs)
-    # batch statistics keep activations at unit scale however many channels are zeroed; an
-    # all-zero channel still normalises to exactly zero (weight and bias are zeroed too)
-    for m in work.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
     graph = analyze(work, example_inputs, **analyze_kwargs)
     solution = graph.state
     rng = np.random.default_rng(seed)
@@ -199,6 +193,7 @@ def check_zero_removal(
         base = np.sort(rng.choice(n, size=k, replace=False))
         _zero(graph, g.id, base)
         widths[g.id] = (n - k) * solution.unit[g.id]
+    _calibrate_norms(work, example_inputs)
     ref = _run(work, example_inputs)
     gm = resize(graph, widths)
     diff, ok = _max_diff(ref, _run(gm, example_inputs), rtol=1e-7)
@@ -206,6 +201,35 @@ def check_zero_removal(
     return CheckResult(
         "zero-removal", ok, diff, note=f"{len(eligible)} groups shrunk, output scale {scale:.3g}"
     )
+
+
+def _calibrate_norms(model: nn.Module, example_inputs: Any, min_var: float = 1e-2) -> None:
+    """Set BatchNorm running statistics from the zeroed model on ``example_inputs``, then freeze.
+
+    Zeroing channels changes the scale of later activations, so randomly initialised running
+    statistics could shrink the output to nothing (a vacuous check) or blow it up. Batch
+    statistics in train mode keep unit scale but are chaotic on tiny batches (a channel whose
+    two samples nearly agree normalises rounding noise to +-1), so the check runs in eval mode
+    with statistics measured once and the variance floored at ``min_var``. An all-zero channel
+    still normalises to exactly zero.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m.training, m.momentum) for m in norms]
+    for m in norms:
+        if m.running_mean is None or m.running_var is None:
+            continue
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: exactly this batch's statistics
+        m.train()
+    _run(model, example_inputs)
+    for m, (training, momentum) in zip(norms, saved, strict=True):
+        m.train(training)
+        m.momentum = momentum
+        if m.running_var is not None:
+            m.running_var.clamp_(min=min_var)
+            m.eval()
 
 
 def check_all(

@@ -6,6 +6,7 @@ involves a rewrite, that a resize runs and removes zeroed channels without chang
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -837,6 +838,21 @@ def test_shrink_keeps_the_largest_norm_channels_ties_by_index():
     gm = fxconet.resize(graph, {g.id: 1})
     assert fxconet.kept_channels(gm)[g.id].tolist() == [1]  # tie between 1 and 2 -> lower index
     torch.testing.assert_close(gm.a.weight[:, 0], model.a.weight[1:2, 0])
+
+
+def test_zero_removal_check_catches_a_wrong_channel_choice(monkeypatch):
+    """The check is not vacuous: keeping channels by index instead of by norm must fail it."""
+    from fxconet.passes import resize_layers
+
+    model, x = Residual().eval(), torch.randn(2, 3, 8, 8)
+    assert testing.check_zero_removal(model, x, seed=1).ok
+
+    def by_index(solution, leaves):
+        return {v: -np.arange(solution.slots.size[v], dtype=np.float64) for v in leaves}
+
+    monkeypatch.setattr(resize_layers, "_channel_scores", by_index)
+    result = testing.check_zero_removal(model, x, seed=1)
+    assert not result.ok and result.max_diff > 1e-3, result
 
 
 def test_init_reset_reinitialises_every_layer():
