@@ -8,7 +8,8 @@ channel, widths 16/32/64, 12 free channel groups). For every seed:
   the network's MACs) searches on a subset of the training images (10% of it held out for the
   rewards); the chosen architecture is then trained from scratch;
 * uniform scaling multiplies every width by the factor whose MACs are closest to 50%
-  (bisection on :func:`~fxconet.passes.resize_layers.predict_macs`) and trains that model.
+  (bisection on :func:`~fxconet.passes.resize_layers.predict_macs`) and trains that model;
+* ``--methods full`` (opt-in) trains the unpruned network the same way, for reference.
 
 Every final model trains the same number of epochs with the same settings on the same subset
 (search and validation images included) and is evaluated on the 10,000 test images. Each
@@ -48,7 +49,14 @@ from fxconet.passes.resize_layers import predict_macs
 from fxconet.strategies.static import uniform_widths
 
 HERE = Path(__file__).resolve().parent
-METHODS = {"aps-o": "ordinal", "aps-i": "independent", "aps-t": "transitionary", "uniform": None}
+METHODS = {
+    "aps-o": "ordinal",
+    "aps-i": "independent",
+    "aps-t": "transitionary",
+    "uniform": None,
+    "full": None,  # the unpruned network, for reference (opt-in)
+}
+DEFAULT_METHODS = ["aps-o", "aps-i", "aps-t", "uniform"]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,8 +95,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods",
         nargs="+",
         choices=list(METHODS),
-        default=list(METHODS),
-        help="methods to run (all)",
+        default=DEFAULT_METHODS,
+        help="methods to run (aps-o aps-i aps-t uniform; 'full' trains the unpruned network)",
     )
     p.add_argument(
         "--threads",
@@ -156,9 +164,11 @@ def run_one(args: argparse.Namespace, seed: int, method: str, train: Any, test: 
     )
     folder = args.runs / f"{seed}-{method}"
     started = time.perf_counter()
-    if method == "uniform":
+    if method in ("uniform", "full"):
         graph = fxconet.analyze(model, x)
-        phi, _ = uniform_for_macs(graph, args.flops_target * predict_macs(graph, {}))
+        phi = 1.0
+        if method == "uniform":
+            phi, _ = uniform_for_macs(graph, args.flops_target * predict_macs(graph, {}))
         result = fxconet.optimize_channels(model, x, method="uniform", phi=phi, **common)
         extra: dict[str, Any] = {"phi_factor": phi}
     else:
@@ -193,7 +203,7 @@ def run_one(args: argparse.Namespace, seed: int, method: str, train: Any, test: 
         "macs_fraction": result.macs_after / result.macs_before,
         "params": result.params_after,
         "test_accuracy": result.accuracy,
-        "search_seconds": result.seconds if method != "uniform" else 0.0,
+        "search_seconds": result.seconds if method.startswith("aps") else 0.0,
         "total_seconds": total,
         **extra,
     }
@@ -221,7 +231,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "search_seconds_mean": statistics.fmean(r["search_seconds"] for r in rs),
             "total_seconds_mean": statistics.fmean(r["total_seconds"] for r in rs),
         }
-        if method != "uniform":
+        if method.startswith("aps"):
             row["final_phi_relative"] = statistics.fmean(r["phi_relative"][-1] for r in rs)
             cos = [c for r in rs for c in r["gradient_cosine"] if c is not None]
             row["gradient_cosine_mean"] = statistics.fmean(cos) if cos else None
@@ -248,7 +258,7 @@ def table(rows: list[dict[str, Any]], records: list[dict[str, Any]], settings: d
     for r in rows:
         per = ", ".join(pct(x["test_accuracy"]) for x in records if x["method"] == r["method"])
         std = "" if r["test_accuracy_std"] is None else f" ± {100 * r['test_accuracy_std']:.2f}"
-        aps = r["method"] != "uniform"
+        aps = r["method"].startswith("aps")
         lines.append(
             f"| {r['method']} | {len(r['seeds'])} | {pct(r['test_accuracy_mean'])}{std} | {per} "
             f"| {100 * r['macs_fraction_mean']:.1f} | {r['params_mean']:,.0f} "
