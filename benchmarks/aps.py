@@ -9,7 +9,7 @@ channel, widths 16/32/64, 12 free channel groups). For every seed:
   rewards); the chosen architecture is then trained from scratch;
 * uniform scaling multiplies every width by the factor whose MACs are closest to 50%
   (bisection on :func:`~fxconet.passes.resize_layers.predict_macs`) and trains that model;
-* ``--methods full`` (opt-in) trains the unpruned network the same way, for reference.
+* ``full`` trains the unpruned network the same way, for reference.
 
 Every final model trains the same number of epochs with the same settings on the same subset
 (search and validation images included) and is evaluated on the 10,000 test images. Each
@@ -22,7 +22,7 @@ Writes benchmarks/results/aps.json (resolved settings, per-run results with the 
 gradient-alignment history, per-method summary) and aps.md (the table).
 
 Example:
-    python benchmarks/aps.py                       # the committed results, several hours
+    python benchmarks/aps.py                       # the committed results, about 40 min
     python benchmarks/aps.py --train-size 1000 --warmup-epochs 1 --search-epochs 1 \\
         --retrain-epochs 1 --runs /tmp/aps-quick --out /tmp/aps.json --md /tmp/aps.md
 """
@@ -56,7 +56,7 @@ METHODS = {
     "uniform": None,
     "full": None,  # the unpruned network, for reference (opt-in)
 }
-DEFAULT_METHODS = ["aps-o", "aps-i", "aps-t", "uniform"]
+DEFAULT_METHODS = ["aps-o", "aps-i", "aps-t", "uniform", "full"]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,8 +64,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--train-size",
         type=int,
-        default=6000,
-        help="training images used, a fixed random subset of the 60,000 (6000)",
+        default=3000,
+        help="training images used, a fixed random subset of the 60,000 (3000)",
     )
     p.add_argument(
         "--test-size", type=int, default=None, help="test images used (default: all 10,000)"
@@ -90,13 +90,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--batch-size", type=int, default=128, help="batch size (128)")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, cosine schedule (0.1)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds to run (0 1)")
     p.add_argument(
         "--methods",
         nargs="+",
         choices=list(METHODS),
         default=DEFAULT_METHODS,
-        help="methods to run (aps-o aps-i aps-t uniform; 'full' trains the unpruned network)",
+        help="methods to run (all; 'full' trains the unpruned network for reference)",
     )
     p.add_argument(
         "--threads",

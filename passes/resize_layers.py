@@ -405,9 +405,10 @@ class _Builder:
                 shape = self._shape_of(t)
                 empty = torch.empty(shape, dtype=t.dtype, device=t.device)
                 _set(new, name, _as_param(empty, t))
-            if hasattr(new, "reset_parameters"):
+            reset = getattr(new, "reset_parameters", None)
+            if callable(reset):
                 with torch.no_grad():
-                    new.reset_parameters()
+                    reset()
             fresh = {name: _get(new, name).detach() for name, _ in own}
         for name, t in own:
             if self.init == "reset" and not self.meta and name in fresh:
@@ -450,10 +451,10 @@ class _Builder:
         for sub in new.modules():
             for name, t in list(sub._parameters.items()):
                 if t is not None:
-                    sub._parameters[name] = self.tensor(t)
-            for name, t in list(sub._buffers.items()):
-                if t is not None:
-                    sub._buffers[name] = self.tensor(t)
+                    sub._parameters[name] = self.tensor(t)  # type: ignore[assignment]
+            for name, b in list(sub._buffers.items()):
+                if b is not None:
+                    sub._buffers[name] = self.tensor(b)
         return new
 
 

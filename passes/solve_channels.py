@@ -534,9 +534,9 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
     consumers: list[dict[str, None]] = [{} for _ in range(n)]
     touched: list[dict[str, None]] = [{} for _ in range(n)]
     layer_of_tensor: dict[int, str] = {}
-    for rec in solution.layers.values():
-        for tid in rec.params.values():
-            layer_of_tensor.setdefault(tid, rec.path)
+    for lrec in solution.layers.values():
+        for tid in lrec.params.values():
+            layer_of_tensor.setdefault(tid, lrec.path)
 
     for tid, prec in solution.params.items():
         owner = layer_of_tensor.get(tid, prec.path)
@@ -553,14 +553,14 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
                     unit[g] = m if unit[g] == 0 else min(unit[g], m)
                 elif role == "in":
                     consumers[g][owner] = None
-    for rec in solution.layers.values():
-        for layout in (rec.in_layout, rec.out_layout, *rec.notes.get("layouts", ())):
+    for lrec in solution.layers.values():
+        for layout in (lrec.in_layout, lrec.out_layout, *lrec.notes.get("layouts", ())):
             if layout is None:
                 continue
             for v in slots.leaves(layout):
                 g = group_of.get(v)
                 if g is not None:
-                    touched[g][rec.path] = None
+                    touched[g][lrec.path] = None
 
     groups = []
     for g, v in enumerate(leaf_of):
@@ -585,20 +585,20 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
     solution.unit = [u or 1 for u in unit]
 
     layers = []
-    for rec in solution.layers.values():
-        if rec.kind == "param":
+    for lrec in solution.layers.values():
+        if lrec.kind == "param":
             continue
         nparams = sum(
-            solution.params[tid].tensor.numel()
-            for name, tid in rec.params.items()
+            int(solution.params[tid].tensor.numel())
+            for tid in lrec.params.values()
             if tid in solution.params and isinstance(solution.params[tid].tensor, nn.Parameter)
         )
         layers.append(
             LayerInfo(
-                path=rec.path,
-                kind=rec.kind,
-                in_groups=_group_ids(slots, group_of, rec.in_layout),
-                out_groups=_group_ids(slots, group_of, rec.out_layout),
+                path=lrec.path,
+                kind=lrec.kind,
+                in_groups=_group_ids(slots, group_of, lrec.in_layout),
+                out_groups=_group_ids(slots, group_of, lrec.out_layout),
                 params=nparams,
             )
         )

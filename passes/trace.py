@@ -128,7 +128,7 @@ class _ValueProxy(torch.fx.Proxy):
     def __iter__(self) -> Any:
         n = self._sequence_length()
         if n is not None:
-            return iter([self[i] for i in range(n)])
+            return iter([self[i] for i in range(n)])  # type: ignore[index]
         return super().__iter__()
 
     def __len__(self) -> int:
@@ -470,14 +470,13 @@ def _linear_shape(mod: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _adaptive_pool_shape(mod: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    size = mod.output_size  # type: ignore[attr-defined]
+    size: Any = mod.output_size
     k = 2 if isinstance(mod, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d) else None
     if k is None or getattr(mod, "return_indices", False):
         return None
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if any(s is None for s in size):
-        size = tuple(x.shape[-2 + i] if s is None else s for i, s in enumerate(size))
-    return torch.empty((*x.shape[:-2], *size), dtype=x.dtype, device="meta")
+    sizes: tuple[Any, ...] = (size, size) if isinstance(size, int) else tuple(size)
+    sizes = tuple(x.shape[-2 + i] if s is None else s for i, s in enumerate(sizes))
+    return torch.empty((*x.shape[:-2], *sizes), dtype=x.dtype, device="meta")
 
 
 _SAME_MODULES: tuple[type, ...] = (
