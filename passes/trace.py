@@ -536,8 +536,6 @@ _SAME_METHODS = {
     "sigmoid",
     "sigmoid_",
     "tanh",
-    "contiguous",
-    "clone",
     "detach",
     "softmax",
     "neg",
