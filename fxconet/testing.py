@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,27 @@ __all__ = [
     "check_random_resize",
     "check_zero_removal",
     "random_widths",
+    "torchvision_case",
+    "TORCHVISION_GIANTS",
 ]
+
+#: input side per torchvision model (default 32): the smallest that every layer accepts
+_TORCHVISION_INPUT = {"alexnet": 64, "inception_v3": 75, "maxvit_t": 224}
+#: constructor arguments besides ``num_classes``
+_TORCHVISION_ARGS: dict[str, dict[str, Any]] = {
+    "vit_b_16": {"image_size": 32},
+    "vit_b_32": {"image_size": 32},
+    "vit_l_16": {"image_size": 32},
+    "vit_l_32": {"image_size": 32},
+    "vit_h_14": {"image_size": 28},
+}
+#: torchvision models of more than 100M parameters (the zoo checks only shrink them, for memory)
+TORCHVISION_GIANTS = frozenset(
+    {
+        "regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "vit_h_14", "vit_l_16", "vit_l_32",
+        "convnext_large", "wide_resnet101_2", "efficientnet_v2_l",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -230,6 +251,22 @@ def _calibrate_norms(model: nn.Module, example_inputs: Any, min_var: float = 1e-
         if m.running_var is not None:
             m.running_var.clamp_(min=min_var)
             m.eval()
+
+
+def torchvision_case(
+    name: str, *, num_classes: int = 10, batch: int = 2, seed: int = 0
+) -> tuple[nn.Module, torch.Tensor]:
+    """A torchvision classification model (random weights, eval mode) and the smallest input
+    every layer of it accepts (32x32 unless the model needs more): cheap numerical checks."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    kwargs = _TORCHVISION_ARGS.get(name, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
+    size = kwargs.get("image_size", _TORCHVISION_INPUT.get(name, 32))
+    return model.eval(), torch.randn(batch, 3, size, size)
 
 
 def check_all(

@@ -56,6 +56,7 @@ class Slots:
         self.inexact: list[bool] = []
         # expand() results, valid until the next refinement or union (both change leaves)
         self._memo: dict[Layout, list[Block]] = {}
+        self._leaves_memo: dict[Layout, list[int]] = {}
 
     # -- variables ------------------------------------------------------------------------------
 
@@ -104,6 +105,7 @@ class Slots:
         parts = [self._inherit(r, s) for s in sizes]
         self.sub[r] = tuple((1, p, 1) for p in parts)
         self._memo.clear()
+        self._leaves_memo.clear()
         return parts
 
     def factor(self, v: int, outer: int, inner: int) -> int:
@@ -119,6 +121,7 @@ class Slots:
         child = self._inherit(r, n // (outer * inner))
         self.sub[r] = ((outer, child, inner),)
         self._memo.clear()
+        self._leaves_memo.clear()
         return child
 
     def link(self, v: int, w: int) -> int:
@@ -134,6 +137,7 @@ class Slots:
             a, b = b, a
         self.parent[b] = a
         self._memo.clear()
+        self._leaves_memo.clear()
         self.reason[a] = self.reason[a] or self.reason[b]
         self.produced[a] = self.produced[a] or self.produced[b]
         self.inexact[a] = self.inexact[a] or self.inexact[b]
@@ -181,11 +185,19 @@ class Slots:
         return out
 
     def leaves(self, layout: Layout) -> list[int]:
-        """Distinct leaf variables of a layout, in order of appearance."""
+        """Distinct leaf variables of a layout, in order of appearance.
+
+        The returned list is shared with a cache: do not modify it.
+        """
+        hit = self._leaves_memo.get(layout)
+        if hit is not None:
+            return hit
         seen: dict[int, None] = {}
         for _, v, _ in self.expand(layout):
             seen.setdefault(v, None)
-        return list(seen)
+        out = list(seen)
+        self._leaves_memo[layout] = out
+        return out
 
     def is_fixed(self, layout: Layout) -> bool:
         """True when every leaf of the layout is frozen (its size can never change)."""

@@ -73,8 +73,12 @@ class Traced:
         """The submodule at ``path`` of the traced copy."""
         mod = self.modules.get(path)
         if mod is None:
-            mod = self.root.get_submodule(path)
-            self.modules[path] = mod
+            if not self.modules:  # one walk instead of a get_submodule per path
+                self.modules.update(self.root.named_modules(remove_duplicate=False))
+                mod = self.modules.get(path)
+            if mod is None:
+                mod = self.root.get_submodule(path)
+                self.modules[path] = mod
         return mod
 
     def graph_module(self) -> torch.fx.GraphModule:
@@ -277,7 +281,12 @@ def _structural_copy(model: nn.Module) -> nn.Module:
         hit = memo.get(id(m))
         if hit is not None:
             return hit
-        new = copy.copy(m)
+        cls = type(m)
+        if cls.__reduce_ex__ is object.__reduce_ex__ and not hasattr(cls, "__copy__"):
+            new = cls.__new__(cls)  # what copy.copy does, without its generic machinery
+            new.__dict__.update(m.__dict__)
+        else:
+            new = copy.copy(m)
         memo[id(m)] = new
         d = new.__dict__
         d["_parameters"] = dict(m._parameters)
@@ -564,6 +573,8 @@ def _fast_module(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         return x
     if t is nn.Linear:
         return _linear_shape(mod, x)  # type: ignore[arg-type]
+    if t in _CONV_DIMS:
+        return _conv_shape(mod, x, _CONV_DIMS[t])  # type: ignore[arg-type]
     if t is nn.Flatten:
         return x.flatten(mod.start_dim, mod.end_dim)  # type: ignore[arg-type]
     if t in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d):
@@ -572,6 +583,29 @@ def _fast_module(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 
 
 _SAME_MODULE_SET = frozenset(_SAME_MODULES)
+_CONV_DIMS: dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def _conv_shape(mod: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor, n: int) -> Any:
+    """Output of a plain convolution from the formula (the meta kernel costs ~50 us a call);
+    ``None`` for anything unusual, so the real kernel runs and raises its own errors."""
+    if x.dim() != n + 2 or x.shape[1] != mod.in_channels or x.dtype != mod.weight.dtype:
+        return None
+    if isinstance(mod.padding, str):
+        if mod.padding != "valid":
+            return None  # "same": let the kernel work out the asymmetric padding
+        padding = (0,) * n
+    else:
+        padding = tuple(mod.padding)
+    spatial = []
+    for size, k, s, p, d in zip(
+        x.shape[2:], mod.kernel_size, mod.stride, padding, mod.dilation, strict=True
+    ):
+        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+        if out <= 0:
+            return None
+        spatial.append(out)
+    return torch.empty((x.shape[0], mod.out_channels, *spatial), dtype=x.dtype, device="meta")
 
 
 def _fast_function(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
