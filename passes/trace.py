@@ -268,6 +268,22 @@ class _Tracer(torch.fx.Tracer):
         return node
 
 
+def _shallow_copy(m: nn.Module) -> nn.Module:
+    """``copy.copy(m)``, without the generic reduce machinery for plain modules (5x faster)."""
+    cls = type(m)
+    custom = (
+        cls.__reduce_ex__ is not object.__reduce_ex__
+        or hasattr(cls, "__copy__")
+        or getattr(cls, "__getstate__", None) is not getattr(nn.Module, "__getstate__", None)
+        or getattr(cls, "__setstate__", None) is not getattr(nn.Module, "__setstate__", None)
+    )
+    if custom:
+        return copy.copy(m)
+    new = cls.__new__(cls)
+    new.__dict__.update(m.__dict__)
+    return new
+
+
 def _structural_copy(model: nn.Module) -> nn.Module:
     """Copy the module tree but share parameters, buffers and other attribute values.
 
@@ -281,12 +297,7 @@ def _structural_copy(model: nn.Module) -> nn.Module:
         hit = memo.get(id(m))
         if hit is not None:
             return hit
-        cls = type(m)
-        if cls.__reduce_ex__ is object.__reduce_ex__ and not hasattr(cls, "__copy__"):
-            new = cls.__new__(cls)  # what copy.copy does, without its generic machinery
-            new.__dict__.update(m.__dict__)
-        else:
-            new = copy.copy(m)
+        new = _shallow_copy(m)
         memo[id(m)] = new
         d = new.__dict__
         d["_parameters"] = dict(m._parameters)
@@ -433,7 +444,7 @@ def meta_module(module: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
     hit = cache.get(id(module))
     if hit is not None:
         return hit
-    new = copy.copy(module)  # a new __dict__, shallow
+    new = _shallow_copy(module)  # a new __dict__, shallow
     d = new.__dict__
     d["_parameters"] = {k: _to_meta(p) for k, p in module._parameters.items()}
     d["_buffers"] = {k: _to_meta(b) for k, b in module._buffers.items()}
