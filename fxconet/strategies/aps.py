@@ -111,10 +111,11 @@ Where this follows the paper, the reference code (``shared/reference/aps.md``) o
     sampling; at most 20,000 expansions, then the best partial sequences are completed greedily.
     The winner is the candidate closest to the FLOPs target (paper), not the best supernet
     accuracy on the test set (reference). When none of the ``top_n`` is within
-    ``flops_tolerance`` (5% of the model's MACs) of the target, the search widens to 4x more
-    architectures (up to 1024) and the most likely one within the tolerance wins: with a soft
-    penalty the policy can prefer architectures far above the target (APS-I on Fashion-MNIST:
-    all top-8 at 93% for a 50% target), and a user who asks for 50% expects about 50%.
+    ``flops_tolerance`` (5% of the model's MACs) of the target, the beam search runs again,
+    pruning the prefixes that cannot end within the tolerance (MACs grow with every width), and
+    the most likely architecture within it wins: with a soft penalty the policy can prefer
+    architectures far from the target (APS-I on Fashion-MNIST: all top-1024 at >= 66% for a
+    50% target), and a user who asks for 50% expects about 50%.
 13. Decoding: the effective weights of the winner (meta-weights through its P/Q) with its
     BatchNorm statistics recomputed on up to 20 training batches become ``init_state`` (used by
     ``optimize_channels(init="search")``); by default the final model is trained from scratch
@@ -213,9 +214,9 @@ class ApsConfig:
             beta (alpha = 0; the reference is (0, -0.1)).
         top_n: architectures from the final beam search.
         flops_tolerance: the winner's MACs must be within this fraction of the model's MACs of
-            the target; when none of the ``top_n`` is, the beam search widens (4x at a time,
-            up to 1024 architectures) and the most likely one within it wins (``None``: the
-            paper's rule alone).
+            the target; when none of the ``top_n`` is, the beam search runs again over the
+            architectures within it and the most likely one wins (``None``: the paper's rule
+            alone).
         decode_init: provide the winner's weights decoded from the meta-weights.
         search_batches_per_epoch: cap on the steps per epoch (``None``: the training loop's
             ``max_batches_per_epoch``, else all batches).
@@ -1093,22 +1094,20 @@ def _search_settings(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("top_n", "flops_tolerance", "decode_init")}
 
 
-#: the most architectures the final beam search widens to (``ApsConfig.flops_tolerance``)
-_MAX_TOP = 1024
-
-
 def beam_search(
     controller: Controller,
     budget: Callable[[Sequence[int]], float],
     top_n: int = 8,
     *,
     max_expansions: int = _MAX_EXPANSIONS,
+    feasible: Callable[[Sequence[int]], bool] | None = None,
 ) -> list[tuple[list[int], float]]:
     """The ``top_n`` most likely architectures by best-first search over the policy.
 
     Nodes are ordered by length-normalised log-probability (reference), deeper first on ties;
     the inputs of each step are built exactly as when sampling. After ``max_expansions`` the
-    best open prefixes are completed greedily.
+    best open prefixes are completed greedily. With ``feasible``, prefixes it rejects are
+    pruned (and greedy completions it rejects dropped), so only feasible architectures return.
 
     Returns:
         ``(candidate indices, log-probability)`` pairs, most likely first.
@@ -1130,7 +1129,9 @@ def beam_search(
                 done.append((list(actions), logp))
                 continue
             if expansions >= max_expansions:
-                done.append(_complete(controller, budget, list(actions), logp, state))
+                completed = _complete(controller, budget, list(actions), logp, state)
+                if feasible is None or feasible(completed[0]):
+                    done.append(completed)
                 continue
             expansions += 1
             token = actions[-1] if actions else controller.n_max
@@ -1138,6 +1139,8 @@ def beam_search(
             n = controller.choices[depth]
             log_probs = F.log_softmax(logits[:n], dim=0)
             for a in range(n):
+                if feasible is not None and not feasible((*actions, a)):
+                    continue
                 lp = logp + float(log_probs[a])
                 key = -lp / (depth + 1)
                 heapq.heappush(heap, (key, -(depth + 1), next(counter), (*actions, a), lp, new))
@@ -1156,31 +1159,42 @@ def pick_architecture(
 ) -> tuple[list[tuple[list[int], float]], int]:
     """The final pick: the ``top_n`` most likely architectures and the index of the winner.
 
-    The winner is the one whose ``cost`` (MACs) is closest to ``target`` (paper), the more likely
-    on a tie. With ``tolerance`` (absolute MACs) and none of the ``top_n`` within it, the beam
-    search widens 4x at a time up to 1024 architectures and the most likely one within the
-    tolerance wins; if there is still none, the closest of all.
+    The winner is the one whose ``cost`` (MACs of a full list of candidate indices, which must
+    grow with every index: candidates are sorted) is closest to ``target`` (paper), the more
+    likely on a tie. With ``tolerance`` (absolute MACs) and none of the ``top_n`` within it,
+    the beam search runs again over the architectures within the tolerance only (a prefix is
+    pruned when filling the remaining decisions with the smallest candidates already costs too
+    much, or with the largest too little), and the most likely of those wins; if there is none,
+    the closest of the unconstrained top-N.
 
     Returns:
         the architectures (``(candidate indices, log-probability)``, most likely first) and the
         winner's index among them.
     """
-    n_top = top_n
-    while True:
-        top = beam_search(controller, budget, n_top)
-        if target is None:
-            return top, 0
-        costs = [cost(actions) for actions, _ in top]
-        within = [] if tolerance is None else [
-            k for k, c in enumerate(costs) if abs(c - target) <= tolerance
-        ]  # fmt: skip
-        widen = tolerance is not None and not within and len(top) == n_top and n_top < _MAX_TOP
-        if not widen:
-            break
-        n_top = min(4 * n_top, _MAX_TOP)
-    if n_top > top_n and within:
-        return top, min(within, key=lambda k: -top[k][1])
-    return top, min(range(len(top)), key=lambda k: (abs(costs[k] - target), -top[k][1]))
+    top = beam_search(controller, budget, top_n)
+    if target is None:
+        return top, 0
+    costs = [cost(actions) for actions, _ in top]
+    closest = min(range(len(top)), key=lambda k: (abs(costs[k] - target), -top[k][1]))
+    if tolerance is None or abs(costs[closest] - target) <= tolerance:
+        return top, closest
+    choices = controller.choices
+    memo: dict[tuple[int, ...], bool] = {}
+
+    def feasible(prefix: Sequence[int]) -> bool:
+        key = tuple(prefix)
+        hit = memo.get(key)
+        if hit is None:
+            rest = range(len(key), len(choices))
+            low = cost([*key, *(0 for _ in rest)])
+            high = cost([*key, *(choices[d] - 1 for d in rest)])
+            hit = memo[key] = low <= target + tolerance and high >= target - tolerance
+        return hit
+
+    constrained = beam_search(controller, budget, top_n, feasible=feasible)
+    if constrained:
+        return constrained, 0
+    return top, closest
 
 
 def _complete(
