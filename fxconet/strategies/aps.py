@@ -1101,6 +1101,7 @@ def beam_search(
     *,
     max_expansions: int = _MAX_EXPANSIONS,
     feasible: Callable[[Sequence[int]], bool] | None = None,
+    normalise: bool = True,
 ) -> list[tuple[list[int], float]]:
     """The ``top_n`` most likely architectures by best-first search over the policy.
 
@@ -1108,6 +1109,8 @@ def beam_search(
     the inputs of each step are built exactly as when sampling. After ``max_expansions`` the
     best open prefixes are completed greedily. With ``feasible``, prefixes it rejects are
     pruned (and greedy completions it rejects dropped), so only feasible architectures return.
+    ``normalise=False`` orders by the log-probability itself: as it only falls with depth, the
+    architectures then come out exactly in order of likelihood (within ``max_expansions``).
 
     Returns:
         ``(candidate indices, log-probability)`` pairs, most likely first.
@@ -1142,7 +1145,7 @@ def beam_search(
                 if feasible is not None and not feasible((*actions, a)):
                     continue
                 lp = logp + float(log_probs[a])
-                key = -lp / (depth + 1)
+                key = -lp / (depth + 1) if normalise else -lp
                 heapq.heappush(heap, (key, -(depth + 1), next(counter), (*actions, a), lp, new))
     done.sort(key=lambda item: -item[1])
     return done[:top_n]
@@ -1164,7 +1167,8 @@ def pick_architecture(
     likely on a tie. With ``tolerance`` (absolute MACs) and none of the ``top_n`` within it,
     the beam search runs again over the architectures within the tolerance only (a prefix is
     pruned when filling the remaining decisions with the smallest candidates already costs too
-    much, or with the largest too little), and the most likely of those wins; if there is none,
+    much, or with the largest too little; ordered by exact log-probability), and the most likely
+    of those wins; if there is none,
     the closest of the unconstrained top-N.
 
     Returns:
@@ -1191,7 +1195,7 @@ def pick_architecture(
             hit = memo[key] = low <= target + tolerance and high >= target - tolerance
         return hit
 
-    constrained = beam_search(controller, budget, top_n, feasible=feasible)
+    constrained = beam_search(controller, budget, top_n, feasible=feasible, normalise=False)
     if constrained:
         return constrained, 0
     return top, closest
