@@ -39,11 +39,16 @@ def write_report(report: Mapping[str, Any], out: str | os.PathLike[str]) -> Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_json_ready(dict(report)), indent=1))
-    os.replace(tmp, path)
+    write_json(path, _json_ready(dict(report)))
     plot_history(report, out)
     return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically: a killed process never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def plot_history(report: Mapping[str, Any], out: str | os.PathLike[str]) -> list[Path]:

@@ -187,6 +187,16 @@ class TrainConfig:
         """
         return self.lr * self._factor(epoch)
 
+    def sgd(self, params: Any) -> torch.optim.SGD:
+        """The SGD optimizer of these settings (lr, momentum, weight decay, Nesterov)."""
+        return torch.optim.SGD(
+            params,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            nesterov=self.nesterov,
+        )
+
     def _factor(self, epoch: int) -> float:
         if self.schedule == "step":
             return self.gamma ** (epoch // self.step_size)
@@ -350,13 +360,7 @@ def train(
     if val_data is not None:
         val_loader = as_loader(val_data, batch_size=256, split="test", seed=config.seed)
     model.to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.nesterov,
-    )
+    optimizer = config.sgd(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config._factor)
     limit = config.max_batches_per_epoch
     try:

@@ -104,8 +104,7 @@ class Slots:
             raise Conflict(f"cannot split {self.size[r]} channels into {sizes}")
         parts = [self._inherit(r, s) for s in sizes]
         self.sub[r] = tuple((1, p, 1) for p in parts)
-        self._memo.clear()
-        self._leaves_memo.clear()
+        self._invalidate()
         return parts
 
     def factor(self, v: int, outer: int, inner: int) -> int:
@@ -120,8 +119,7 @@ class Slots:
             raise Conflict(f"{n} channels are not {outer} x k x {inner}")
         child = self._inherit(r, n // (outer * inner))
         self.sub[r] = ((outer, child, inner),)
-        self._memo.clear()
-        self._leaves_memo.clear()
+        self._invalidate()
         return child
 
     def link(self, v: int, w: int) -> int:
@@ -136,12 +134,16 @@ class Slots:
         if b < a:  # keep the older variable as root: first appearance order
             a, b = b, a
         self.parent[b] = a
-        self._memo.clear()
-        self._leaves_memo.clear()
+        self._invalidate()
         self.reason[a] = self.reason[a] or self.reason[b]
         self.produced[a] = self.produced[a] or self.produced[b]
         self.inexact[a] = self.inexact[a] or self.inexact[b]
         return a
+
+    def _invalidate(self) -> None:
+        """Forget the expanded layouts (the structure changed)."""
+        self._memo.clear()
+        self._leaves_memo.clear()
 
     # -- layouts --------------------------------------------------------------------------------
 

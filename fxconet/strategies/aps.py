@@ -155,6 +155,7 @@ from fxconet.passes.resize_layers import (
     predict_params,
 )
 from fxconet.passes.solve_channels import Solution
+from fxconet.report import write_json
 from fxconet.strategies import SearchContext, SearchOutcome
 from fxconet.strategies.conet import SearchError
 from fxconet.strategies.static import round_width
@@ -1222,12 +1223,6 @@ def _complete(
 # the search loop
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def _save_torch(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(data, tmp)
@@ -1350,13 +1345,7 @@ def aps_search(
             return acc
         return acc * (f / target) ** (alpha if f <= target else beta)
 
-    opt_w = torch.optim.SGD(
-        supernet.parameters(),
-        lr=train_config.lr,
-        momentum=train_config.momentum,
-        weight_decay=train_config.weight_decay,
-        nesterov=train_config.nesterov,
-    )
+    opt_w = train_config.sgd(supernet.parameters())
     opt_c = torch.optim.Adam(
         controller.parameters(), lr=config.controller_lr, betas=(0.5, 0.999), weight_decay=1e-3
     )
@@ -1557,7 +1546,7 @@ def aps_search(
                     "step": step,
                 },
             )
-            _write_json(
+            write_json(
                 out_dir / f"trial_{epoch:03d}.json",
                 {
                     "trial": epoch,

@@ -56,6 +56,7 @@ from fxconet.errors import FxconetError
 from fxconet.ir import ChannelGraph
 from fxconet.metrics import RankTracker
 from fxconet.passes.resize_layers import predict_params
+from fxconet.report import write_json
 from fxconet.strategies import SearchContext, SearchOutcome
 from fxconet.strategies.static import round_width
 from fxconet.train import TrainConfig, TrainFn, evaluate, run_training
@@ -228,13 +229,6 @@ def _state_from_json(data: Mapping[str, Any]) -> dict[int, GroupState]:
     return {int(gid): GroupState(**s) for gid, s in data.items()}
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Write atomically: a killed process never leaves half a checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
-    os.replace(tmp, path)
-
-
 def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -372,7 +366,7 @@ def conet_search(
         if out_dir is not None:
             if not config.reinit:
                 torch.save(trial_model.state_dict(), out_dir / f"trial_{trial:03d}.pt")
-            _write_json(
+            write_json(
                 out_dir / f"trial_{trial:03d}.json",
                 {
                     "trial": trial,
