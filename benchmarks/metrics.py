@@ -41,8 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["random", "planted"],
         help="weight settings: default init, or Tucker low-rank structure plus noise",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch / BLAS threads for every timing")
-    p.add_argument("--repeats", type=int, default=3, help="fxconet timings: median of this many")
+    p.add_argument("--threads", type=int, default=1, help="torch / BLAS threads for every timing")
+    p.add_argument("--repeats", type=int, default=5, help="fxconet timings: median of this many")
+    p.add_argument(
+        "--baseline-repeats", type=int, default=3, help="baseline timings: median of this many"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the planted structure and training")
     p.add_argument(
         "--planted-rank",
@@ -78,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     if args.quick:
-        args.models, args.repeats = ["mobilenet_v3_large"], 1
+        args.models, args.repeats, args.baseline_repeats = ["mobilenet_v3_large"], 1, 1
         args.train_images = args.train_images or 4096
     return args
 
@@ -366,9 +369,7 @@ def main(args: argparse.Namespace) -> dict:
             model = convs_only(full)
             t_def, fx = timed(lambda m=model: layer_metrics(m), args.repeats)
             t_ref, fx_ref = timed(lambda m=model: layer_metrics(m, reference=True), args.repeats)
-            t0 = time.perf_counter()
-            base = baseline(model)
-            t_base = time.perf_counter() - t0
+            t_base, base = timed(lambda m=model: baseline(m), args.baseline_repeats)
             row = {
                 "model": name,
                 "weights": setting,
@@ -418,10 +419,11 @@ def table(results: dict) -> str:
         f"{cfg['loadavg_after'][0]:.1f})",
         "",
         "Every conv of each model (depthwise included, classifier excluded). Times are medians of "
-        f"{cfg['repeats']} runs for fxconet, one run for the baseline. *Agree* counts layers whose "
-        "input and output ranks both equal the baseline's; *tall* = unfoldings with more rows "
-        "than columns, which the default mode transposes and the paper's code does not; on wide "
-        "ones the default differs from the paper's code only by its exact, global sigma2 search.",
+        f"{cfg['repeats']} runs for fxconet, {cfg.get('baseline_repeats', 1)} for the baseline. "
+        "*Agree* counts layers whose input and output ranks both equal the baseline's; *tall* = "
+        "unfoldings with more rows than columns, which the default mode transposes and the "
+        "paper's code does not; on wide ones the default differs from the paper's code only by "
+        "its exact, global sigma2 search.",
         "",
     ]
     if cfg["loadavg_before"][0] > (cfg["cpu_count"] or 1):

@@ -61,12 +61,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from fxconet.errors import MetricsError
@@ -255,12 +257,13 @@ def _spectra(
     """Singular values of every matrix, in a few batched calls.
 
     ``matrices`` are tensors of >= 2 dims read as ``(shape[0], prod(shape[1:]))`` matrices, so an
-    unfolding can stay the strided view ``w.movedim(d, 0)``: each is copied once, into its slot
-    of a batch of equal shapes, in the working dtype. ``twin_of[i] = j`` says matrix i is the
-    transpose of matrix j (the two unfoldings of a 1x1 conv or a Linear): it shares j's values.
+    unfolding can stay the strided view ``w.movedim(d, 0)``: each is copied once, in the working
+    dtype. ``twin_of[i] = j`` says matrix i is the transpose of matrix j (the two unfoldings of a
+    1x1 conv or a Linear): it shares j's values.
 
-    Reference mode: one float32 ``svdvals`` per shape. Default mode: one Gram product per shape,
-    then one ``eigvalsh`` per Gram size (matrices of different shapes share it).
+    Reference mode: one float32 ``svdvals`` per batch of equal shapes. Default mode: one float64
+    Gram matrix per matrix (on CUDA one batched product per shape), then one ``eigvalsh`` per
+    Gram size (matrices of different shapes share it).
     """
     twin_of = twin_of or {}
     n = len(matrices)
@@ -275,24 +278,19 @@ def _spectra(
             rows[i], cols[i], transposed[i] = c, r, True
         else:
             rows[i], cols[i] = r, c
-    buckets: dict[tuple[Any, ...], list[int]] = {}
-    for i, m in enumerate(matrices):
-        if i not in twin_of:
-            # MPS and other backends lack float64 (and batched LAPACK): use the CPU there.
-            device = m.device if m.device.type in ("cpu", "cuda") else torch.device("cpu")
-            buckets.setdefault((m.shape[0], m[0].numel(), device), []).append(i)
-    dtype = torch.float32 if reference else torch.float64
-    grams: dict[tuple[int, Any], list[tuple[list[int], Any, np.ndarray]]] = {}
+    # MPS and other backends lack float64 (and batched LAPACK): use the CPU there.
+    devices = [
+        m.device if m.device.type in ("cpu", "cuda") else torch.device("cpu") for m in matrices
+    ]
+    todo = [i for i in range(n) if i not in twin_of]
     # One BLAS thread-pool limit for the whole pass.
     with _blas_threads():
-        for (r, c, device), idx in buckets.items():
-            per_chunk = max(1, _CHUNK_ELEMENTS // (r * c))
-            for start in range(0, len(idx), per_chunk):
-                chunk = idx[start : start + per_chunk]
-                x = torch.empty((len(chunk), r, c), dtype=dtype, device=device)
-                for j, i in enumerate(chunk):
-                    x[j].view(matrices[i].shape).copy_(matrices[i].detach())
-                if reference:
+        if reference:
+            buckets: dict[tuple[Any, ...], list[int]] = {}
+            for i in todo:
+                buckets.setdefault((int(rows[i]), int(cols[i]), devices[i]), []).append(i)
+            for (r, c, device), idx in buckets.items():
+                for chunk, x in _stacked(matrices, idx, r, c, torch.float32, device):
                     ok = torch.isfinite(x).flatten(1).all(dim=1)
                     if not bool(ok.all()):
                         # LAPACK errors out on NaN: decompose zeros and report the failure.
@@ -305,15 +303,31 @@ def _spectra(
                         svals,
                         finite,
                     )
-                else:
-                    gram, ok_np = _gram(x, tall=r > c)
-                    grams.setdefault((min(r, c), device), []).append((chunk, gram, ok_np))
-        for (_, device), parts in grams.items():
-            s_np = _eig_svals([g for _, g, _ in parts], device)
-            at = 0
-            for chunk, _, ok_np in parts:
-                _scatter(chunk, s_np[at : at + len(chunk)], ok_np, svals, finite)
-                at += len(chunk)
+        else:
+            # Matrices of different shapes share one eigvalsh call per Gram size.
+            sizes: dict[tuple[Any, ...], list[int]] = {}
+            for i in todo:
+                sizes.setdefault((min(rows[i], cols[i]), devices[i]), []).append(i)
+            cpu = {key: idx for key, idx in sizes.items() if key[1].type == "cpu"}
+            for chunk, s_np, ok_np in _cpu_spectra(matrices, cpu):
+                _scatter(chunk, s_np, ok_np, svals, finite)
+            for (_, device), idx in sizes.items():
+                if device.type == "cpu":
+                    continue
+                by_shape: dict[tuple[int, int], list[int]] = {}
+                for i in idx:
+                    by_shape.setdefault((matrices[i].shape[0], matrices[i][0].numel()), []).append(
+                        i
+                    )
+                parts = []
+                for (r, c), same in by_shape.items():
+                    for chunk, x in _stacked(matrices, same, r, c, torch.float64, device):
+                        parts.append((chunk, *_gram_torch(x, tall=r > c)))
+                s_np = _eig_svals([g for _, g, _ in parts], device)
+                at = 0
+                for chunk, _, ok_np in parts:
+                    _scatter(chunk, s_np[at : at + len(chunk)], ok_np, svals, finite)
+                    at += len(chunk)
     for i, j in twin_of.items():
         svals[i], finite[i] = svals[j], finite[j]
     width = max((len(v) for v in svals), default=0)
@@ -332,22 +346,80 @@ def _scatter(
         finite[i] = bool(ok[j])
 
 
-def _gram(x: torch.Tensor, tall: bool) -> tuple[Any, np.ndarray]:
-    """Gram matrices of the shorter side of a batch ``x`` (b, r, c), and which were finite.
+def _stacked(
+    matrices: Sequence[torch.Tensor],
+    idx: Sequence[int],
+    r: int,
+    c: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The matrices ``idx`` (all r x c) copied into batches (b, r, c) of ``dtype`` on ``device``,
+    about _CHUNK_ELEMENTS entries each."""
+    per_chunk = max(1, _CHUNK_ELEMENTS // max(r * c, 1))
+    for start in range(0, len(idx), per_chunk):
+        chunk = list(idx[start : start + per_chunk])
+        x = torch.empty((len(chunk), r, c), dtype=dtype, device=device)
+        for j, i in enumerate(chunk):
+            x[j].view(matrices[i].shape).copy_(matrices[i].detach())
+        yield chunk, x
+
+
+def _cpu_spectra(
+    matrices: Sequence[torch.Tensor], sizes: Mapping[tuple[Any, ...], list[int]]
+) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+    """Singular values of CPU matrices grouped by Gram size: ``(indices, values, finite)`` per
+    chunk.
+
+    Each chunk is a Gram stack and one ``eigvalsh``. With ``torch.get_num_threads() > 1`` the
+    chunks run on that many Python threads (numpy releases the GIL in BLAS and LAPACK), each
+    with a single-threaded BLAS: LAPACK's small symmetric eigenproblems hardly use a second
+    core, whereas independent chunks use every core fully.
+    """
+    workers = max(1, torch.get_num_threads())
+    tasks: list[tuple[list[int], int]] = []
+    for (k, _), idx in sizes.items():
+        k = int(k)
+        per_chunk = max(1, _CHUNK_ELEMENTS // max(k * k, 1))
+        if workers > 1:
+            per_chunk = min(per_chunk, max(1, -(-len(idx) // workers)))
+        tasks += [(idx[i : i + per_chunk], k) for i in range(0, len(idx), per_chunk)]
+
+    def run(task: tuple[list[int], int]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        chunk, k = task
+        gram, ok = _grams_cpu([matrices[i] for i in chunk], k)
+        return chunk, _eig_svals([gram], torch.device("cpu")), ok
+
+    if workers == 1 or len(tasks) == 1:
+        yield from map(run, tasks)
+        return
+    # Largest first, so that no worker is left with a big chunk at the end.
+    tasks.sort(key=lambda t: -len(t[0]) * t[1] ** 3)
+    with _blas_threads(1), ThreadPoolExecutor(min(workers, len(tasks))) as pool:
+        yield from pool.map(run, tasks)
+
+
+def _grams_cpu(matrices: Sequence[torch.Tensor], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 Gram matrices (n, k, k) of the shorter side of each matrix, and which were finite.
 
     Only singular values are needed: the eigenvalues of the Gram matrix of the shorter side
-    (``min(r, c)^2`` entries) cost a fraction of an SVD and lose nothing that matters in float64
-    (absolute error ~1e-16 s_1^2 on s^2). A NaN or inf anywhere in a matrix reaches its Gram's
-    diagonal (a sum of squares), which is where finiteness is checked; such Grams are zeroed.
+    (``k = min(r, c)``) cost a fraction of an SVD and lose nothing that matters in float64
+    (absolute error ~1e-16 s_1^2 on s^2). Each matrix is converted through one reused scratch
+    buffer (no fresh pages to fault in) and multiplied as a 2-D ``a @ a.T``, which numpy runs
+    as a symmetric rank-k update (half the flops of a general product). A NaN or inf anywhere
+    in a matrix reaches its Gram's diagonal (a sum of squares), which is where finiteness is
+    checked; such Grams are zeroed.
     """
-    if x.device.type == "cpu":
-        return _gram_numpy(x.numpy(), tall)
-    return _gram_torch(x, tall)
-
-
-def _gram_numpy(a: np.ndarray, tall: bool) -> tuple[np.ndarray, np.ndarray]:
-    # numpy runs ``a @ a.T`` as a symmetric rank-k update: half the flops of torch's bmm.
-    gram = a.transpose(0, 2, 1) @ a if tall else a @ a.transpose(0, 2, 1)
+    gram = np.empty((len(matrices), k, k))
+    scratch = np.empty(max((m.numel() for m in matrices), default=0))
+    for j, m in enumerate(matrices):
+        r = m.shape[0]
+        a = scratch[: m.numel()].reshape(r, -1)
+        torch.from_numpy(a).view(m.shape).copy_(m.detach())
+        if r <= a.shape[1]:
+            np.matmul(a, a.T, out=gram[j])
+        else:
+            np.matmul(a.T, a, out=gram[j])
     ok = np.isfinite(np.einsum("bii->bi", gram)).all(axis=1)
     gram[~ok] = 0.0
     return gram, ok
@@ -371,20 +443,13 @@ def _eig_svals(grams: Sequence[Any], device: torch.device) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def _threadpools() -> Any:
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # optional: without it numpy's BLAS keeps its own default
-        return None
+def _threadpools() -> ThreadpoolController:
     return ThreadpoolController()  # finding the BLAS libraries takes ms: do it once
 
 
-def _blas_threads() -> contextlib.AbstractContextManager[Any]:
-    """Hold numpy's BLAS to torch's thread count, when threadpoolctl is there to do it."""
-    pools = _threadpools()
-    if pools is None:
-        return contextlib.nullcontext()
-    return pools.limit(limits=torch.get_num_threads(), user_api="blas")
+def _blas_threads(limit: int | None = None) -> contextlib.AbstractContextManager[Any]:
+    """Hold numpy's BLAS to ``limit`` threads (default: torch's thread count)."""
+    return _threadpools().limit(limits=limit or torch.get_num_threads(), user_api="blas")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -389,14 +389,18 @@ def test_batched_bounded_brent_takes_scipys_iterates():
 @pytest.mark.parametrize("shape", [(4, 30, 200), (3, 200, 30), (2, 1, 9)])
 def test_gram_paths_give_the_svd_values_on_every_device_branch(shape):
     # The numpy branch runs on the CPU, the torch branch on CUDA; both are checked here on CPU
-    # tensors against a float64 SVD, including a non-finite matrix.
-    from fxconet.metrics import _eig_svals, _gram_numpy, _gram_torch
+    # tensors against a float64 SVD, including a non-finite matrix and a strided (unfolding) view.
+    from fxconet.metrics import _eig_svals, _gram_torch, _grams_cpu
 
     x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     x[-1, 0, 0] = float("nan")
     tall = shape[1] > shape[2]
     want = torch.linalg.svdvals(x[:-1]).numpy()
-    gram_np, ok_np = _gram_numpy(x.numpy().copy(), tall)
+    k = min(shape[1:])
+    # As unfoldings arrive: strided views (movedim of a weight stored the other way round).
+    views = [m.T.contiguous().movedim(1, 0) for m in x]
+    assert torch.equal(views[0], x[0]) and (k == 1 or not views[0].is_contiguous())
+    gram_np, ok_np = _grams_cpu(views, k)
     gram_t, ok_t = _gram_torch(x.clone(), tall)
     # _eig_svals takes its torch branch for any device but the CPU; the tensors here are on the
     # CPU, which that branch handles too.
@@ -407,7 +411,7 @@ def test_gram_paths_give_the_svd_values_on_every_device_branch(shape):
     for s, ok in results:
         assert ok.tolist() == [True] * (shape[0] - 1) + [False]
         np.testing.assert_allclose(s[:-1], want, rtol=1e-9, atol=1e-12 * want.max())
-        assert s.shape == (shape[0], min(shape[1:])) and np.all(s[-1] == 0)
+        assert s.shape == (shape[0], k) and np.all(s[-1] == 0)
 
 
 def test_reference_random_init_convs_have_rank_zero():
@@ -643,6 +647,29 @@ def test_layer_metrics_batch_many_shapes_like_a_torchvision_model():
         isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules()
     )
     assert all(m.in_rank == m.out_rank == 0 for m in metrics if m.kind != "linear")
+
+
+def test_layer_metrics_are_the_same_on_one_thread_and_on_a_thread_pool():
+    # With several torch threads the CPU spectra run chunk-parallel; the values must not change.
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(
+        *[nn.Conv2d(c, 2 * c, k) for c, k in ((3, 3), (6, 1), (12, 3), (24, 1))],
+        *[nn.Conv2d(48, 48, 3) for _ in range(5)],
+        nn.Linear(48, 10),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) + (p.shape[0] % 3))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layer_metrics(model)
+        torch.set_num_threads(3)
+        pool = layer_metrics(model)
+    finally:
+        torch.set_num_threads(threads)
+    assert [m.to_dict() for m in pool] == [m.to_dict() for m in one]
+    assert any(m.in_rank > 0 for m in one)
 
 
 # ------------------------------------------------------------------------------------------------
