@@ -14,7 +14,7 @@ import torch.fx
 
 from fxconet.ir import ChannelGraph
 from fxconet.passes.resize_layers import build_resized, expected_shapes, plan_resize
-from fxconet.passes.solve_channels import Solution, build_graph
+from fxconet.passes.solve_channels import Solution, build_graph, freeze_dims
 from fxconet.passes.trace import META_KEY, Traced
 from fxconet.passes.verify import ShapeMismatch, verify_channels
 
@@ -90,27 +90,10 @@ def _freeze_around(solution: Solution, node_name: str, reason: str) -> None:
         if n.name in seen:
             continue
         seen.add(n.name)
-        _freeze_dims(solution, solution.dims.get(n.name), reason)
+        freeze_dims(solution.slots, solution.dims.get(n.name), reason)
         for inp in n.all_input_nodes:
             value = inp.meta[META_KEY].value
             if isinstance(value, torch.Tensor):
-                _freeze_dims(solution, solution.dims.get(inp.name), reason)
+                freeze_dims(solution.slots, solution.dims.get(inp.name), reason)
             else:  # a size computed from other tensors: follow it back
                 stack.append(inp)
-
-
-def _freeze_dims(solution: Solution, dims: object, reason: str) -> None:
-    if dims is None:
-        return
-    if isinstance(dims, tuple) and (len(dims) == 0 or _is_layout(dims)):
-        solution.slots.freeze(dims, reason)  # type: ignore[arg-type]
-        return
-    if isinstance(dims, tuple):
-        for d in dims:
-            _freeze_dims(solution, d, reason)
-
-
-def _is_layout(x: object) -> bool:
-    return isinstance(x, tuple) and all(
-        isinstance(b, tuple) and len(b) == 3 and isinstance(b[0], int) for b in x
-    )

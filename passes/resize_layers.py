@@ -33,7 +33,7 @@ from torch import nn
 from fxconet.errors import ChannelError
 from fxconet.ir import ChannelGraph, check_widths
 from fxconet.passes.slots import Layout
-from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution
+from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution, is_layout
 from fxconet.passes.trace import META_KEY
 from fxconet.passes.verify import verify_channels
 
@@ -539,17 +539,11 @@ def expected_shapes(plan: ResizePlan) -> dict[str, Any]:
     def shape(d: Any) -> Any:
         if d is None:
             return None
-        if len(d) == 0 or _is_layout(d[0]):
+        if len(d) == 0 or is_layout(d[0]):
             return tuple(plan.size_of(layout) for layout in d)
         return tuple(shape(x) for x in d)
 
     return {name: shape(d) for name, d in plan.solution.dims.items()}
-
-
-def _is_layout(x: Any) -> bool:
-    return isinstance(x, tuple) and all(
-        isinstance(b, tuple) and len(b) == 3 and isinstance(b[0], int) for b in x
-    )
 
 
 def resize_layers(

@@ -57,6 +57,8 @@ class Slots:
         # expand() results, valid until the next refinement or union (both change leaves)
         self._memo: dict[Layout, list[Block]] = {}
         self._leaves_memo: dict[Layout, list[int]] = {}
+        self._sub_memo: dict[int, list[Block]] = {}  # expansion of each refined root
+        self._root_leaves: dict[int, list[int]] = {}  # leaves under each root
 
     # -- variables ------------------------------------------------------------------------------
 
@@ -144,6 +146,8 @@ class Slots:
         """Forget the expanded layouts (the structure changed)."""
         self._memo.clear()
         self._leaves_memo.clear()
+        self._sub_memo.clear()
+        self._root_leaves.clear()
 
     # -- layouts --------------------------------------------------------------------------------
 
@@ -173,7 +177,12 @@ class Slots:
             if sub is None:
                 parts = [(1, r, 1)]
             else:
-                parts = self._expand(sub)
+                # Refinements nest (a DenseNet input is split once per concatenation): expand
+                # each refined variable once.
+                hit = self._sub_memo.get(r)
+                if hit is None:
+                    hit = self._sub_memo[r] = self._expand(sub)
+                parts = hit
             if len(parts) == 1:
                 po, pv, pi = parts[0]
                 _push(out, (o * po, pv, pi * i))
@@ -191,15 +200,27 @@ class Slots:
 
         The returned list is shared with a cache: do not modify it.
         """
+        if len(layout) == 1:
+            # One block (most layouts): its repetitions do not change which leaves appear, or
+            # their order; the cache is keyed by the root (hashing a layout costs more).
+            r = self.find(layout[0][1])
+            if self.sub[r] is None:
+                return [r]
+            out = self._root_leaves.get(r)
+            if out is None:
+                out = self._root_leaves[r] = self._distinct(self.expand(((1, r, 1),)))
+            return out
         hit = self._leaves_memo.get(layout)
-        if hit is not None:
-            return hit
+        if hit is None:
+            hit = self._leaves_memo[layout] = self._distinct(self.expand(layout))
+        return hit
+
+    @staticmethod
+    def _distinct(blocks: list[Block]) -> list[int]:
         seen: dict[int, None] = {}
-        for _, v, _ in self.expand(layout):
+        for _, v, _ in blocks:
             seen.setdefault(v, None)
-        out = list(seen)
-        self._leaves_memo[layout] = out
-        return out
+        return list(seen)
 
     def is_fixed(self, layout: Layout) -> bool:
         """True when every leaf of the layout is frozen (its size can never change)."""
@@ -240,6 +261,20 @@ class Slots:
         """
         if a == b:
             return
+        if len(a) == 1 and len(b) == 1:
+            # Fast path, most unions: two blocks of the same repetition over unrefined variables
+            # of one size (the general path below would pair them the same way).
+            (o1, v, i1), (o2, w, i2) = a[0], b[0]
+            v, w = self.find(v), self.find(w)
+            if (
+                o1 == o2
+                and i1 == i2
+                and self.sub[v] is None
+                and self.sub[w] is None
+                and self.size[v] == self.size[w]
+            ):
+                self.link(v, w)
+                return
         ea, eb = self.expand(a), self.expand(b)
         if len(ea) > 1 and len(eb) == 1:
             ea, eb = eb, ea

@@ -126,7 +126,7 @@ class RuleContext:
         """Per-dim layouts of a tensor argument (None for non-tensors)."""
         if isinstance(a, torch.fx.Node):
             d = self.solver.dims.get(a.name)
-            if isinstance(d, tuple) and (not d or isinstance(d[0], tuple) and _is_layout(d[0])):
+            if isinstance(d, tuple) and (not d or isinstance(d[0], tuple) and is_layout(d[0])):
                 return d
             return None
         return None
@@ -226,13 +226,7 @@ class RuleContext:
 
     def freeze_dims(self, dims: Any, reason: str) -> None:
         """Freeze every layout in a (nested) Dims value."""
-        if dims is None:
-            return
-        if _is_layout(dims):
-            self.slots.freeze(dims, reason)
-            return
-        for d in dims:
-            self.freeze_dims(d, reason)
+        freeze_dims(self.slots, dims, reason)
 
     def produce(self, layout: Layout) -> None:
         """Mark the leaves of ``layout`` as chosen by this (width-choosing) layer."""
@@ -291,11 +285,34 @@ class RuleContext:
         return self.fixed_like(self.out, "output of an opaque op")
 
 
-def _is_layout(x: Any) -> bool:
-    """A Layout is a tuple of 3-int tuples."""
-    return isinstance(x, tuple) and all(
-        isinstance(b, tuple) and len(b) == 3 and isinstance(b[0], int) for b in x
-    )
+def is_layout(x: Any) -> bool:
+    """A Layout is a tuple of 3-int tuples (a Dims value is a tuple of Layouts, so its first
+    item decides: an int-led triple, or a tuple)."""
+    if type(x) is not tuple:
+        return False
+    if not x:
+        return True
+    b = x[0]
+    return type(b) is tuple and len(b) == 3 and type(b[0]) is int
+
+
+def iter_layouts(dims: Any) -> list[Layout]:
+    """Every Layout in a (nested) Dims value, in order (None and non-tuple entries skipped)."""
+    out: list[Layout] = []
+    stack = [dims]
+    while stack:
+        x = stack.pop()
+        if is_layout(x):
+            out.append(x)
+        elif type(x) is tuple or type(x) is list:
+            stack.extend(reversed(x))
+    return out
+
+
+def freeze_dims(slots: Slots, dims: Any, reason: str) -> None:
+    """Freeze every Layout in a (nested) Dims value."""
+    for layout in iter_layouts(dims):
+        slots.freeze(layout, reason)
 
 
 class _Solver:
@@ -355,21 +372,12 @@ class _Solver:
             seen.add(n.name)
             prov = self.provenance.get(n.name)
             if prov is not None:
-                self._freeze_any(prov, reason)
+                freeze_dims(self.slots, prov, reason)
                 continue
             if isinstance(n.meta[META_KEY].value, torch.Tensor):
-                self._freeze_any(self.dims.get(n.name), reason)
+                freeze_dims(self.slots, self.dims.get(n.name), reason)
                 continue
             stack.extend(n.all_input_nodes)
-
-    def _freeze_any(self, dims: Any, reason: str) -> None:
-        if dims is None:
-            return
-        if _is_layout(dims):
-            self.slots.freeze(dims, reason)
-            return
-        for d in dims:
-            self._freeze_any(d, reason)
 
     def visit(self, node: torch.fx.Node) -> None:
         info: NodeInfo = node.meta[META_KEY]
@@ -497,31 +505,28 @@ def solve_channels(
     return build_graph(solution, name or traced.name), solution
 
 
-def _iter_dims(d: Any) -> Iterable[Layout]:
-    if d is None:
-        return
-    if _is_layout(d):
-        yield d
-        return
-    for x in d:
-        yield from _iter_dims(x)
-
-
 def build_graph(solution: Solution, name: str) -> ChannelGraph:
     """Number the groups (graph order of first appearance) and build the IR."""
     slots = solution.slots
+    produced = slots.produced
     group_of: dict[int, int] = {}
     leaf_of: list[int] = []
+    seen: set[int] = set()  # ids of the layouts visited (nodes share their inputs' layouts)
 
     def visit(layout: Layout) -> None:
+        if id(layout) in seen:
+            return
+        seen.add(id(layout))
         for v in slots.leaves(layout):
-            if slots.produced[v] and v not in group_of:
+            if produced[v] and v not in group_of:
                 group_of[v] = len(leaf_of)
                 leaf_of.append(v)
 
     graph = solution.traced.graph
     for node in graph.nodes:
-        for layout in _iter_dims(solution.dims.get(node.name)):
+        d = solution.dims.get(node.name)
+        # a tensor's Dims (one layout per dim) is by far the most common value
+        for layout in d if type(d) is tuple and d and is_layout(d[0]) else iter_layouts(d):
             visit(layout)
     for rec in solution.params.values():
         for layout in rec.dims:
@@ -542,17 +547,21 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
         owner = layer_of_tensor.get(tid, prec.path)
         for d, layout in enumerate(prec.dims):
             role = prec.roles.get(d)
-            for o, v, i in slots.expand(layout):
+            if role == "out" and prec.producer:
+                # a producer's repetition structure sets the group's divisor
+                for o, v, i in slots.expand(layout):
+                    g = group_of.get(v)
+                    if g is not None:
+                        touched[g][owner] = producers[g][owner] = None
+                        m = o * i
+                        unit[g] = m if unit[g] == 0 else min(unit[g], m)
+                continue
+            for v in slots.leaves(layout):
                 g = group_of.get(v)
-                if g is None:
-                    continue
-                touched[g][owner] = None
-                if role == "out" and prec.producer:
-                    producers[g][owner] = None
-                    m = o * i
-                    unit[g] = m if unit[g] == 0 else min(unit[g], m)
-                elif role == "in":
-                    consumers[g][owner] = None
+                if g is not None:
+                    touched[g][owner] = None
+                    if role == "in":
+                        consumers[g][owner] = None
     for lrec in solution.layers.values():
         for layout in (lrec.in_layout, lrec.out_layout, *lrec.notes.get("layouts", ())):
             if layout is None:
@@ -635,7 +644,7 @@ def _dag(
     for node in solution.traced.graph.nodes:
         value = node.meta[META_KEY].value
         d = solution.dims.get(node.name)
-        if not isinstance(value, torch.Tensor) or d is None or not _is_layout(d[0] if d else ()):
+        if not isinstance(value, torch.Tensor) or d is None or not is_layout(d[0] if d else ()):
             continue
         channel_dim = None
         ids: tuple[int, ...] = ()

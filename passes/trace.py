@@ -153,6 +153,9 @@ class _ValueProxy(torch.fx.Proxy):
         )
 
 
+_PLAIN_ARGS = frozenset({int, float, bool, str, type(None)})
+
+
 class _Tracer(torch.fx.Tracer):
     """A tracer with user leaf modules, a module stack for error messages, node scopes, and
     iterable proxies for tuple-valued nodes."""
@@ -175,6 +178,12 @@ class _Tracer(torch.fx.Tracer):
         self._inputs: dict[torch.fx.Node, Any] | None = None
         self._evaluating = False  # computing values: modules run for real (on meta tensors)
         self.guards: list[torch.fx.Node] = []
+        # Nothing asks fx for per-node extras: nodes are created straight on the graph.
+        self._plain = not (
+            self.check_mutable_operations
+            or self.record_stack_traces
+            or torch.fx.traceback.has_preserved_node_meta()
+        )
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _ValueProxy(node, self)
@@ -254,7 +263,11 @@ class _Tracer(torch.fx.Tracer):
             ) from e
         self.stack.append(path)
         try:
-            return super().call_module(m, forward, args, kwargs)
+            # fx's own call_module also keeps ``scope`` and ``nn_module_stack`` (copied onto
+            # every node); the analysis keeps its own scopes, so those copies are skipped.
+            if self.is_leaf_module(m, path):
+                return self.create_proxy("call_module", path, args, kwargs)
+            return forward(*args, **kwargs)
         except Exception:
             if self.failed_at is None:
                 self.failed_at = list(self.stack)
@@ -262,10 +275,33 @@ class _Tracer(torch.fx.Tracer):
         finally:
             self.stack.pop()
 
-    def create_node(self, *args: Any, **kwargs: Any) -> torch.fx.Node:
-        node = super().create_node(*args, **kwargs)
+    def create_node(
+        self,
+        kind: str,
+        target: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        name: str | None = None,
+        type_expr: Any | None = None,
+    ) -> torch.fx.Node:
+        if self._plain:
+            node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+        else:  # a caller asked fx for mutation checks, stack traces or preserved node meta
+            node = super().create_node(kind, target, args, kwargs, name, type_expr)
         self.scopes[node] = self.stack[-1] if self.stack else ""
         return node
+
+    def create_arg(self, a: Any) -> Any:
+        # Fast path for the argument types of nearly every node; the rest go through fx's
+        # checks for parameters, tensors, modules and custom classes.
+        t = type(a)
+        if t is _ValueProxy:
+            return a.node
+        if t in _PLAIN_ARGS:
+            return a
+        if t is tuple or t is list:
+            return t(self.create_arg(x) for x in a)
+        return super().create_arg(a)
 
 
 def _shallow_copy(m: nn.Module) -> nn.Module:

@@ -800,6 +800,23 @@ def test_shape_errors_name_the_node():
         fxconet.analyze(Residual(), torch.randn(2, 5, 8, 8))
 
 
+def test_the_collector_pause_is_undone_after_success_errors_and_when_already_off():
+    import gc
+
+    assert gc.isenabled()
+    fxconet.analyze(Residual(), torch.randn(2, 3, 8, 8))
+    assert gc.isenabled()
+    with pytest.raises(fxconet.ShapeError):
+        fxconet.analyze(Residual(), torch.randn(2, 5, 8, 8))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        fxconet.resize(Residual(), {}, torch.randn(2, 3, 8, 8))
+        assert not gc.isenabled()  # a user's own choice stays as it was
+    finally:
+        gc.enable()
+
+
 # ---------------------------------------------------------------------------------------------
 # guarantees
 
