@@ -68,7 +68,7 @@ def analyze(
 
     Traces a structural copy of the model (the model itself is never modified), propagates
     shapes on the ``meta`` device (no real compute), labels every op conv / non-conv and solves
-    the channel constraints.
+    the channel constraints. Python's cyclic garbage collector is paused meanwhile.
 
     Args:
         model: any ``nn.Module`` that ``torch.fx`` can trace.

@@ -8,7 +8,6 @@ convs, reshapes ...). Labels come from the op table's rules, applied during solv
 
 from __future__ import annotations
 
-import dataclasses
 from enum import Enum
 
 from fxconet.passes.solve_channels import Solution
@@ -37,14 +36,19 @@ def label_edges(solution: Solution) -> dict[tuple[str, str], EdgeKind]:
         <EdgeKind.CONV: 'conv'>
     """
     kinds: dict[tuple[str, str], EdgeKind] = {}
+    dims = solution.dims
     for node in solution.traced.graph.nodes:
         info = node.meta.get(META_KEY)
         kind = solution.kinds.get(node.name)
         if isinstance(info, NodeInfo) and kind is not None:
-            node.meta[META_KEY] = dataclasses.replace(info, kind=kind)
-        if kind is None or solution.dims.get(node.name) is None:
+            node.meta[META_KEY] = NodeInfo(info.value, info.scope, kind)
+        if kind is None or dims.get(node.name) is None:
             continue
+        edge = _KINDS[kind]
         for inp in node.all_input_nodes:
-            if solution.dims.get(inp.name) is not None:
-                kinds[(inp.name, node.name)] = EdgeKind(kind)
+            if dims.get(inp.name) is not None:
+                kinds[(inp.name, node.name)] = edge
     return kinds
+
+
+_KINDS = {k.value: k for k in EdgeKind}

@@ -339,7 +339,7 @@ class _Solver:
     def param_dims(self, t: torch.Tensor, path: str) -> Dims:
         rec = self.params.get(id(t))
         if rec is None:
-            dims = tuple(self.slots.layout(int(s)) for s in t.shape)
+            dims = tuple([self.slots.layout(int(s)) for s in t.shape])
             rec = ParamRecord(path=path, tensor=t, dims=dims)
             self.params[id(t)] = rec
         return rec.dims

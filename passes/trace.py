@@ -12,7 +12,9 @@ Only an op without a meta kernel falls back to running on zero tensors on the CP
 from __future__ import annotations
 
 import copy
+import functools
 import operator
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +158,58 @@ class _ValueProxy(torch.fx.Proxy):
 _PLAIN_ARGS = frozenset({int, float, bool, str, type(None)})
 
 
+def _append_node(
+    graph: torch.fx.Graph,
+    op: str,
+    target: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    name: str | None,
+    type_expr: Any,
+) -> torch.fx.Node:
+    """``graph.create_node`` for a graph being traced, without its per-node scan of the
+    arguments for raw SymInts (symbolic tracing makes none; the scan is ~10% of tracing).
+
+    The steps are those of ``Graph.create_node`` of torch 2.4 to 2.15, on private members;
+    ``_FAST_GRAPH`` turns this off where they are missing, and a test checks that both build
+    the same graph.
+    """
+    candidate = name if name is not None else graph._target_to_str(target)
+    name = graph._graph_namespace.create_name(candidate, None)
+    node = torch.fx.Node(graph, name, op, target, args, kwargs, type_expr)
+    graph._graph_namespace.associate_name_with_obj(name, node)
+    graph._insert(node)
+    graph._find_nodes_lookup_table.insert(node)
+    graph._len += 1
+    return node
+
+
+def _fast_graph_ok() -> bool:
+    """Check, once, that ``_append_node`` builds what ``Graph.create_node`` builds here."""
+    try:
+        graphs = []
+        for fast in (False, True):
+            g = torch.fx.Graph()
+            make = functools.partial(_append_node, g) if fast else g.create_node
+            x = make("placeholder", "x", (), {}, None, None)
+            y = make("call_function", operator.add, (x, 1), {}, None, None)
+            z = make("call_method", "relu", (y,), {}, None, None)
+            make("output", "output", (z,), {}, None, None)
+            graphs.append(g)
+        slow, fast_g = graphs
+        return (
+            str(slow) == str(fast_g)
+            and len(slow.nodes) == len(fast_g.nodes)
+            and vars(slow).keys() == vars(fast_g).keys()
+            and [n.name for n in fast_g.find_nodes(op="call_method", target="relu")] == ["relu"]
+        )
+    except Exception:  # private members moved: use the public path
+        return False
+
+
+_FAST_GRAPH = _fast_graph_ok()
+
+
 class _Tracer(torch.fx.Tracer):
     """A tracer with user leaf modules, a module stack for error messages, node scopes, and
     iterable proxies for tuple-valued nodes."""
@@ -184,6 +238,7 @@ class _Tracer(torch.fx.Tracer):
             or self.record_stack_traces
             or torch.fx.traceback.has_preserved_node_meta()
         )
+        self._fast_graph = _FAST_GRAPH
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _ValueProxy(node, self)
@@ -284,10 +339,12 @@ class _Tracer(torch.fx.Tracer):
         name: str | None = None,
         type_expr: Any | None = None,
     ) -> torch.fx.Node:
-        if self._plain:
-            node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
-        else:  # a caller asked fx for mutation checks, stack traces or preserved node meta
+        if not self._plain:  # a caller asked fx for mutation checks, stack traces, node meta
             node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        elif self._fast_graph:
+            node = _append_node(self.graph, kind, target, args, kwargs, name, type_expr)
+        else:
+            node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
         self.scopes[node] = self.stack[-1] if self.stack else ""
         return node
 
@@ -301,18 +358,26 @@ class _Tracer(torch.fx.Tracer):
             return a
         if t is tuple or t is list:
             return t(self.create_arg(x) for x in a)
+        if t is dict and all(type(k) is str for k in a):
+            return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
+
+
+# module class -> defines its own copy/pickle protocol (weak: GraphModules make a class each)
+_CUSTOM_COPY: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def _shallow_copy(m: nn.Module) -> nn.Module:
     """``copy.copy(m)``, without the generic reduce machinery for plain modules (5x faster)."""
     cls = type(m)
-    custom = (
-        cls.__reduce_ex__ is not object.__reduce_ex__
-        or hasattr(cls, "__copy__")
-        or getattr(cls, "__getstate__", None) is not getattr(nn.Module, "__getstate__", None)
-        or getattr(cls, "__setstate__", None) is not getattr(nn.Module, "__setstate__", None)
-    )
+    custom = _CUSTOM_COPY.get(cls)
+    if custom is None:
+        custom = _CUSTOM_COPY[cls] = (
+            cls.__reduce_ex__ is not object.__reduce_ex__
+            or hasattr(cls, "__copy__")
+            or getattr(cls, "__getstate__", None) is not getattr(nn.Module, "__getstate__", None)
+            or getattr(cls, "__setstate__", None) is not getattr(nn.Module, "__setstate__", None)
+        )
     if custom:
         return copy.copy(m)
     new = cls.__new__(cls)
@@ -513,8 +578,27 @@ def _broadcast(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         a, b = tensors
         if a.shape == b.shape:
             return a
-        return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device="meta")
+        shape = _broadcast_shape(tuple(a.shape), tuple(b.shape))
+        if shape is not None:
+            return torch.empty(shape, dtype=a.dtype, device="meta")
     return None  # fall back to running the op
+
+
+def _broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...] | None:
+    """NumPy broadcasting of two shapes (None when they do not broadcast: the op then runs and
+    raises its own error). ``torch.broadcast_shapes`` costs 50x more in its symbolic checks."""
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + a
+    b = (1,) * (n - len(b)) + b
+    out = []
+    for x, y in zip(a, b, strict=True):
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            return None
+    return tuple(out)
 
 
 def _flatten(x: torch.Tensor, start: int = 0, end: int = -1) -> torch.Tensor:

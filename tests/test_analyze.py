@@ -800,6 +800,48 @@ def test_shape_errors_name_the_node():
         fxconet.analyze(Residual(), torch.randn(2, 5, 8, 8))
 
 
+@pytest.mark.parametrize(
+    "a, b",
+    [((2, 3, 4, 5), (3, 1, 1)), ((1,), (2, 3)), ((2, 1), (1, 3)), ((), (4,)), ((2, 0), (1, 1))]
+    + [((2, 3), (4, 3)), ((5, 2, 1), (3, 7))],
+)
+def test_shape_broadcasting_rule_matches_torch(a, b):
+    from fxconet.passes.trace import _broadcast_shape
+
+    try:
+        want = tuple(torch.broadcast_shapes(a, b))
+    except RuntimeError:
+        want = None
+    assert _broadcast_shape(a, b) == want
+
+
+def test_the_tracer_fast_node_path_builds_the_graph_fx_builds(monkeypatch):
+    import torchvision
+
+    from fxconet.passes import trace as T
+
+    model = torchvision.models.mobilenet_v3_small().eval()
+    x = torch.randn(1, 3, 64, 64)
+    fast = T.trace_model(model, example_inputs=x)
+    monkeypatch.setattr(T, "_FAST_GRAPH", False)
+    slow = T.trace_model(model, example_inputs=x)
+    assert T._fast_graph_ok()  # the installed torch takes the fast path
+    assert str(fast.graph) == str(slow.graph)
+    assert fast.graph.python_code("self").src == slow.graph.python_code("self").src
+    # the lookup table behind find_nodes is kept too
+    leaves = [n.name for n in slow.graph.nodes if n.op == "call_module"]
+    assert [n.name for n in fast.graph.find_nodes(op="call_module")] == leaves
+    for node in slow.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            found = fast.graph.find_nodes(op=node.op, target=node.target)
+            assert [n.name for n in found] == [
+                n.name for n in slow.graph.find_nodes(op=node.op, target=node.target)
+            ]
+    gm = fast.graph_module()
+    gm.graph.lint()
+    torch.testing.assert_close(gm(x), model(x))
+
+
 def test_the_collector_pause_is_undone_after_success_errors_and_when_already_off():
     import gc
 
