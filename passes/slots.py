@@ -262,18 +262,15 @@ class Slots:
         if a == b:
             return
         if len(a) == 1 and len(b) == 1:
-            # Fast path, most unions: two blocks of the same repetition over unrefined variables
-            # of one size (the general path below would pair them the same way).
-            (o1, v, i1), (o2, w, i2) = a[0], b[0]
-            v, w = self.find(v), self.find(w)
+            # Fast path, most unions: two blocks of equal size over unrefined variables, which
+            # the general path below would pair the same way (without expanding both first).
+            x, y = a[0], b[0]
             if (
-                o1 == o2
-                and i1 == i2
-                and self.sub[v] is None
-                and self.sub[w] is None
-                and self.size[v] == self.size[w]
+                self.sub[self.find(x[1])] is None
+                and self.sub[self.find(y[1])] is None
+                and self._bsize(x) == self._bsize(y)
             ):
-                self.link(v, w)
+                self._unify_blocks(x, y)
                 return
         ea, eb = self.expand(a), self.expand(b)
         if len(ea) > 1 and len(eb) == 1:

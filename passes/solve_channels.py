@@ -298,6 +298,8 @@ def is_layout(x: Any) -> bool:
 
 def iter_layouts(dims: Any) -> list[Layout]:
     """Every Layout in a (nested) Dims value, in order (None and non-tuple entries skipped)."""
+    if type(dims) is tuple and dims and is_layout(dims[0]):
+        return list(dims)  # a tensor's Dims (one layout per dim): by far the most common value
     out: list[Layout] = []
     stack = [dims]
     while stack:
@@ -524,9 +526,7 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
 
     graph = solution.traced.graph
     for node in graph.nodes:
-        d = solution.dims.get(node.name)
-        # a tensor's Dims (one layout per dim) is by far the most common value
-        for layout in d if type(d) is tuple and d and is_layout(d[0]) else iter_layouts(d):
+        for layout in iter_layouts(solution.dims.get(node.name)):
             visit(layout)
     for rec in solution.params.values():
         for layout in rec.dims:

@@ -238,7 +238,6 @@ class _Tracer(torch.fx.Tracer):
             or self.record_stack_traces
             or torch.fx.traceback.has_preserved_node_meta()
         )
-        self._fast_graph = _FAST_GRAPH
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _ValueProxy(node, self)
@@ -341,7 +340,7 @@ class _Tracer(torch.fx.Tracer):
     ) -> torch.fx.Node:
         if not self._plain:  # a caller asked fx for mutation checks, stack traces, node meta
             node = super().create_node(kind, target, args, kwargs, name, type_expr)
-        elif self._fast_graph:
+        elif _FAST_GRAPH:
             node = _append_node(self.graph, kind, target, args, kwargs, name, type_expr)
         else:
             node = self.graph.create_node(kind, target, args, kwargs, name, type_expr)
