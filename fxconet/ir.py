@@ -11,9 +11,9 @@ Records name layers by module path and nodes by ``node.name``; nothing here hold
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 __all__ = ["ChannelGraph", "ChannelGroup", "EdgeInfo", "LayerInfo", "TensorInfo"]
 
@@ -121,6 +121,54 @@ class EdgeInfo:
     kind: str  # "conv" or "non-conv"
 
 
+_T = TypeVar("_T")
+
+
+class Deferred(Sequence[_T], Generic[_T]):
+    """A read-only sequence computed on first use.
+
+    ``analyze`` fills :attr:`ChannelGraph.tensors` and :attr:`ChannelGraph.edges` with these:
+    the DAG costs about 5% of an analysis and only :meth:`ChannelGraph.to_networkx` reads it.
+    """
+
+    __slots__ = ("_items", "_make")
+
+    def __init__(self, make: Callable[[], Sequence[_T]]) -> None:
+        self._make: Callable[[], Sequence[_T]] | None = make
+        self._items: tuple[_T, ...] | None = None
+
+    def _get(self) -> tuple[_T, ...]:
+        if self._items is None:
+            assert self._make is not None
+            self._items = tuple(self._make())
+            self._make = None
+        return self._items
+
+    @overload
+    def __getitem__(self, i: int) -> _T: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[_T, ...]: ...
+    def __getitem__(self, i: int | slice) -> _T | tuple[_T, ...]:
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __iter__(self) -> Iterator[_T]:
+        return iter(self._get())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Deferred):
+            other = other._get()
+        return self._get() == other if isinstance(other, tuple) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._get())
+
+    def __repr__(self) -> str:
+        return repr(self._get())
+
+
 @dataclass(frozen=True, eq=False)
 class ChannelGraph:
     """Independent channel groups of a model, as found by :func:`fxconet.analyze`.
@@ -128,7 +176,8 @@ class ChannelGraph:
     Attributes:
         groups: the channel groups, ids 0..n-1.
         layers: every layer with its input and output groups.
-        tensors, edges: the paper's DAG (see :meth:`to_networkx`).
+        tensors, edges: the paper's DAG (see :meth:`to_networkx`); read-only sequences,
+            computed on first use.
         model_name: the model's class name.
         notes: things the user should know (e.g. Python branches specialised to the example
             input's shapes while tracing).
@@ -142,8 +191,8 @@ class ChannelGraph:
 
     groups: tuple[ChannelGroup, ...]
     layers: tuple[LayerInfo, ...] = ()
-    tensors: tuple[TensorInfo, ...] = ()
-    edges: tuple[EdgeInfo, ...] = ()
+    tensors: Sequence[TensorInfo] = ()
+    edges: Sequence[EdgeInfo] = ()
     model_name: str = "model"
     notes: tuple[str, ...] = ()
     state: Any = field(default=None, repr=False, compare=False)

@@ -13,9 +13,9 @@ import torch
 import torch.fx
 
 from fxconet.ir import ChannelGraph
-from fxconet.passes.resize_layers import build_resized, expected_shapes, plan_resize
+from fxconet.passes.resize_layers import expected_shapes, plan_resize, probe_resized
 from fxconet.passes.solve_channels import Solution, build_graph, freeze_dims
-from fxconet.passes.trace import META_KEY, Traced
+from fxconet.passes.trace import META_KEY
 from fxconet.passes.verify import ShapeMismatch, verify_channels
 
 __all__ = ["probe_channels", "probe_widths"]
@@ -50,14 +50,14 @@ def probe_channels(graph: ChannelGraph, *, rounds: int = 6) -> ChannelGraph:
         if not graph.free:
             return graph
         plan = plan_resize(graph, probe_widths(graph), select="first")
-        new_graph, owners = build_resized(plan, meta=True)
-        traced = Traced(root=solution.traced.root, graph=new_graph, name=solution.traced.name)
+        overrides, owners = probe_resized(plan)
         try:
             verify_channels(
-                traced,
+                solution.traced,
                 (solution.example_args, solution.example_kwargs),
                 expected=expected_shapes(plan),
                 modules=owners,
+                overrides=overrides,
             )
             return graph
         except ShapeMismatch as e:

@@ -34,12 +34,13 @@ from fxconet.errors import ChannelError
 from fxconet.ir import ChannelGraph, check_widths
 from fxconet.passes.slots import Layout
 from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution, is_layout
-from fxconet.passes.trace import META_KEY
+from fxconet.passes.trace import META_KEY, NodeView, _structural_copy
 from fxconet.passes.verify import verify_channels
 
 __all__ = [
     "ResizePlan",
     "build_resized",
+    "probe_resized",
     "plan_resize",
     "predict_macs",
     "predict_params",
@@ -352,10 +353,13 @@ def _as_param(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _Builder:
     """Builds new modules and tensors for a plan (real weights, or meta for probing)."""
 
-    def __init__(self, plan: ResizePlan, init: str, meta: bool) -> None:
+    def __init__(self, plan: ResizePlan, init: str, meta: bool, shallow: bool = False) -> None:
         self.plan = plan
         self.init = init
         self.meta = meta
+        # shallow: module copies share attribute values with the model (only for the probe,
+        # whose copies live for one shape check and are changed only by trusted updates)
+        self.shallow = shallow and meta
         self.solution = plan.solution
         self.tensors: dict[int, torch.Tensor] = {}  # id(old tensor) -> new tensor
         self._maps: dict[int, list[np.ndarray | None]] = {}
@@ -392,7 +396,8 @@ class _Builder:
         changed = rec is not None and self._changes(mod, rec)
         if not changed and not (self.init == "reset" and hasattr(mod, "reset_parameters")):
             return self._copy(mod)
-        new = self._structural(mod)
+        update = rec.update if rec is not None else None
+        new = self._structural(mod, shallow=update is None or _assigns_only(update))
         size_of = self.plan.size_of
         if rec is not None and rec.update is not None:
             rec.update(new, size_of, rec.notes)
@@ -417,6 +422,9 @@ class _Builder:
             else:
                 new_t = self.tensor(t, fresh.get(name))
             _set(new, name, new_t)
+        for sub in new.modules():  # children of a resized module (a leaf with submodules)
+            if sub is not new:
+                self._remap(sub)
         return new
 
     def _shape_of(self, t: torch.Tensor) -> tuple[int, ...]:
@@ -442,20 +450,33 @@ class _Builder:
                 return True
         return False
 
-    def _structural(self, mod: nn.Module) -> nn.Module:
+    def _structural(self, mod: nn.Module, shallow: bool = True) -> nn.Module:
+        """A copy of the module tree that still holds the old tensors (in new dicts)."""
+        if self.shallow and shallow:
+            return _structural_copy(mod)
         memo: dict[int, Any] = {id(t): t for t in [*mod.parameters(), *mod.buffers()]}
         return copy.deepcopy(mod, memo)
 
     def _copy(self, mod: nn.Module) -> nn.Module:
         new = self._structural(mod)
         for sub in new.modules():
-            for name, t in list(sub._parameters.items()):
-                if t is not None:
-                    sub._parameters[name] = self.tensor(t)  # type: ignore[assignment]
-            for name, b in list(sub._buffers.items()):
-                if b is not None:
-                    sub._buffers[name] = self.tensor(b)
+            self._remap(sub)
         return new
+
+    def _remap(self, sub: nn.Module) -> None:
+        """Replace a copied module's own tensors by their new versions."""
+        for name, t in list(sub._parameters.items()):
+            if t is not None:
+                sub._parameters[name] = self.tensor(t)  # type: ignore[assignment]
+        for name, b in list(sub._buffers.items()):
+            if b is not None:
+                sub._buffers[name] = self.tensor(b)
+
+
+def _assigns_only(update: Any) -> bool:
+    """fxconet's own ``update`` functions only assign module attributes, so they may run on a
+    shallow copy; a user's might change an attribute's value in place."""
+    return getattr(update, "__module__", None) == "fxconet.ops"
 
 
 def _set(mod: nn.Module, name: str, t: torch.Tensor) -> None:
@@ -470,6 +491,18 @@ def _get(mod: nn.Module, name: str) -> torch.Tensor:
     return t if t is not None else mod._buffers[name]  # type: ignore[return-value]
 
 
+def _node_changes(solution: Solution, plan: ResizePlan) -> dict[str, dict[str, Any]]:
+    """Per rewritten node name, its new fields (``op``/``target``/``args``/``kwargs``; the
+    arguments name nodes of the traced graph)."""
+    changes: dict[str, dict[str, Any]] = {}
+    for name, fns in solution.rewrites.items():
+        merged: dict[str, Any] = {}
+        for fn in fns:
+            merged.update(fn(plan.size_of))
+        changes[name] = merged
+    return changes
+
+
 def _rewritten_graph(solution: Solution, plan: ResizePlan) -> torch.fx.Graph:
     graph = copy.deepcopy(solution.traced.graph)
     # a pickled GraphModule re-traces itself with the graph's tracer class on load: the default
@@ -477,19 +510,20 @@ def _rewritten_graph(solution: Solution, plan: ResizePlan) -> torch.fx.Graph:
     graph._tracer_cls = None
     graph._tracer_extras = None
     by_name = {n.name: n for n in graph.nodes}
-    for name, fns in solution.rewrites.items():
+
+    def remap(a: Any) -> Any:
+        return torch.fx.node.map_arg(a, lambda n: by_name[n.name])
+
+    for name, change in _node_changes(solution, plan).items():
         node = by_name[name]
-        for fn in fns:
-            change = fn(plan.size_of)
-            remap = lambda a: torch.fx.node.map_arg(a, lambda n: by_name[n.name])  # noqa: E731
-            if "op" in change:
-                node.op = change["op"]
-            if "target" in change:
-                node.target = change["target"]
-            if "args" in change:
-                node.args = remap(tuple(change["args"]))
-            if "kwargs" in change:
-                node.kwargs = remap(dict(change["kwargs"]))
+        if "op" in change:
+            node.op = change["op"]
+        if "target" in change:
+            node.target = change["target"]
+        if "args" in change:
+            node.args = remap(tuple(change["args"]))
+        if "kwargs" in change:
+            node.kwargs = remap(dict(change["kwargs"]))
     for node in graph.nodes:
         node.meta.pop(META_KEY, None)
     return graph
@@ -502,28 +536,48 @@ def build_resized(
     if init not in _INITS:
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     solution = plan.solution
-    traced = solution.traced
     builder = _Builder(plan, init, meta)
-    owners: dict[str, Any] = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            path = str(node.target)
-            if path not in owners:
-                owners[path] = builder.module(solution.layers.get(path), traced.module(path))
-    for node in traced.graph.nodes:
-        if node.op == "get_attr":
-            target = str(node.target)
-            if target in owners:
-                continue
-            value = _get_attr(traced.root, target)
-            if isinstance(value, torch.Tensor):
-                owners[target] = builder.tensor(value)
-            elif isinstance(value, nn.Module):
-                owners[target] = builder.module(solution.layers.get(target), value)
-            else:
-                owners[target] = copy.deepcopy(value)
+    owners = _owners(builder, copy_values=True)
     graph = _rewritten_graph(solution, plan)
     return graph, owners
+
+
+def _owners(builder: _Builder, *, copy_values: bool) -> dict[str, Any]:
+    """New modules and tensors of the graph's call_module and get_attr targets, by path (other
+    attribute values are deep-copied when ``copy_values``, else left out)."""
+    solution = builder.solution
+    traced = solution.traced
+    owners: dict[str, Any] = {}
+    for node in traced.graph.nodes:
+        target = str(node.target)
+        if node.op not in ("call_module", "get_attr") or target in owners:
+            continue
+        value = (
+            traced.module(target) if node.op == "call_module" else _get_attr(traced.root, target)
+        )
+        if isinstance(value, nn.Module):
+            owners[target] = builder.module(solution.layers.get(target), value)
+        elif isinstance(value, torch.Tensor):
+            owners[target] = builder.tensor(value)
+        elif copy_values:
+            owners[target] = copy.deepcopy(value)
+    return owners
+
+
+def probe_resized(plan: ResizePlan) -> tuple[dict[torch.fx.Node, NodeView], dict[str, Any]]:
+    """What a shape check of ``plan`` needs, without building a graph: the rewritten nodes as
+    views of the traced ones, and ``meta`` versions of the modules and tensors that change
+    (copied shallowly: they must not outlive the check)."""
+    solution = plan.solution
+    traced = solution.traced
+    builder = _Builder(plan, "inherit", meta=True, shallow=True)
+    owners = _owners(builder, copy_values=False)
+    by_name = {n.name: n for n in traced.graph.nodes}
+    overrides = {
+        by_name[name]: NodeView.of(by_name[name], change)
+        for name, change in _node_changes(solution, plan).items()
+    }
+    return overrides, owners
 
 
 def _get_attr(root: nn.Module, target: str) -> Any:

@@ -8,6 +8,7 @@ leaves of the slot union-find that a width-choosing layer produces are the chann
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import torch.fx
 from torch import nn
 
 from fxconet import ops as _ops
-from fxconet.ir import ChannelGraph, ChannelGroup, EdgeInfo, LayerInfo, TensorInfo
+from fxconet.ir import ChannelGraph, ChannelGroup, Deferred, EdgeInfo, LayerInfo, TensorInfo
 from fxconet.passes.slots import Conflict, Layout, Slots
 from fxconet.passes.trace import META_KEY, NodeInfo, Traced, describe_node
 
@@ -611,12 +612,12 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
                 params=nparams,
             )
         )
-    tensors, edges = _dag(solution, group_of)
+    dag = functools.cache(lambda: _dag(solution, group_of))
     return ChannelGraph(
         groups=tuple(groups),
         layers=tuple(layers),
-        tensors=tensors,
-        edges=edges,
+        tensors=Deferred(lambda: dag()[0]),
+        edges=Deferred(lambda: dag()[1]),
         model_name=name,
         notes=tuple(solution.notes),
         state=solution,

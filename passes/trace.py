@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import operator
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -92,7 +93,32 @@ class Traced:
         return gm
 
 
-def describe_node(node: torch.fx.Node) -> str:
+@dataclass(frozen=True)
+class NodeView:
+    """A node of a graph with other op, target or arguments, for evaluating a rewrite without
+    copying the graph (arguments name nodes of the original graph)."""
+
+    name: str
+    op: str
+    target: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    meta: dict[str, Any]
+
+    @classmethod
+    def of(cls, node: torch.fx.Node, change: Mapping[str, Any]) -> NodeView:
+        """``node`` with the fields in ``change`` (op, target, args, kwargs) replaced."""
+        return cls(
+            name=node.name,
+            op=change.get("op", node.op),
+            target=change.get("target", node.target),
+            args=tuple(change.get("args", node.args)),
+            kwargs=dict(change.get("kwargs", node.kwargs)),
+            meta=node.meta,
+        )
+
+
+def describe_node(node: torch.fx.Node | NodeView) -> str:
     """One-line description of a node for error messages: name, op, target and module path."""
     info = node.meta.get(META_KEY)
     scope = info.scope if isinstance(info, NodeInfo) else ""
@@ -208,6 +234,56 @@ def _fast_graph_ok() -> bool:
 
 
 _FAST_GRAPH = _fast_graph_ok()
+_FAST_TRACE = all(
+    hasattr(torch.fx._symbolic_trace, name)
+    for name in (
+        "_get_is_fx_tracing",
+        "_set_is_fx_tracing",
+        "_orig_module_getattr",
+        "_orig_module_call",
+        "_new_patcher",
+        "_patch_wrapped_functions",
+        "_autowrap_check",
+    )
+) and all(
+    hasattr(torch.fx.Tracer(), name)
+    for name in ("create_args_for_root", "_autowrap_function_ids", "_autowrap_search")
+)
+
+
+class _TensorAttrs(dict):  # type: ignore[type-arg]
+    """fx's map from a tensor stored as a module attribute to its qualified name, filled on the
+    first lookup (fx fills it eagerly by walking every attribute of every module)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self._root: nn.Module | None = root
+
+    def _fill(self) -> None:
+        root, self._root = self._root, None
+        if root is None:
+            return
+        kinds = torch.fx._symbolic_trace._constant_attribute_types
+        found: dict[Any, str] = {}
+        for path, mod in root.named_modules(remove_duplicate=False):
+            prefix = f"{path}." if path else ""
+            for k, v in mod.__dict__.items():
+                if isinstance(v, kinds):
+                    found[v] = prefix + k
+        for k, v in found.items():
+            super().setdefault(k, v)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._fill()
+        return super().get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self._fill()
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self._fill()
+        return super().__contains__(key)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -232,6 +308,7 @@ class _Tracer(torch.fx.Tracer):
         self._inputs: dict[torch.fx.Node, Any] | None = None
         self._evaluating = False  # computing values: modules run for real (on meta tensors)
         self.guards: list[torch.fx.Node] = []
+        self.known_paths: dict[str, nn.Module] | None = None  # the root's modules by path
         # Nothing asks fx for per-node extras: nodes are created straight on the graph.
         self._plain = not (
             self.check_mutable_operations
@@ -241,6 +318,96 @@ class _Tracer(torch.fx.Tracer):
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _ValueProxy(node, self)
+
+    def trace(
+        self,
+        root: nn.Module | Callable[..., Any],
+        concrete_args: dict[str, Any] | None = None,
+    ) -> torch.fx.Graph:
+        """``Tracer.trace`` for a plain module root, without fx's walk over every attribute of
+        every module (``collect_tensor_attrs``, ~8% of an analysis): a tensor stored as a plain
+        attribute is looked up only when the graph uses one (:class:`_TensorAttrs`).
+
+        The other steps are those of fx's ``trace`` (torch 2.4 to 2.15), on fx's own helpers:
+        module ``__getattr__``/``__call__`` patched for the duration, ``torch.fx.wrap``-ed and
+        autowrapped functions patched, placeholders from the signature, one output node.
+        ``_FAST_TRACE`` is off where those helpers are missing; a test checks that both build
+        the same graph. Other roots (functions, GraphModules) and traces that ask fx for
+        per-node extras take fx's own ``trace``.
+        """
+        if (
+            not _FAST_TRACE
+            or not self._plain
+            or not isinstance(root, nn.Module)
+            or isinstance(root, torch.fx.GraphModule)
+            or self.traced_func_name != "forward"
+        ):
+            return super().trace(root, concrete_args)
+        st = torch.fx._symbolic_trace
+        was_tracing = st._get_is_fx_tracing()
+        st._set_is_fx_tracing(True)
+        try:
+            return self._trace_module(root, concrete_args)
+        finally:
+            st._set_is_fx_tracing(was_tracing)
+
+    def _trace_module(
+        self, root: nn.Module, concrete_args: dict[str, Any] | None
+    ) -> torch.fx.Graph:
+        st = torch.fx._symbolic_trace
+        self.root = root
+        fn = type(root).forward
+        self.root_module_name = root._get_name()
+        known = self.known_paths
+        if known is not None and known.get("") is root:
+            self.submodule_paths = {}
+            for path, mod in known.items():
+                self.submodule_paths.setdefault(mod, path)
+        else:
+            self.submodule_paths = {mod: name for name, mod in root.named_modules()}
+        self.graph = torch.fx.Graph(tracer_cls=type(self))
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            self.graph._co_fields = {
+                "co_name": code.co_name,
+                "co_filename": code.co_filename,
+                "co_firstlineno": code.co_firstlineno,
+            }
+        self.tensor_attrs = _TensorAttrs(root)
+        fn_globals = fn.__globals__  # read before patching
+        fn, args = self.create_args_for_root(fn, True, concrete_args)
+        parameter_proxy_cache: dict[str, torch.fx.Proxy] = {}
+        orig_getattr, orig_call = st._orig_module_getattr, st._orig_module_call
+        autowrap_ids = self._autowrap_function_ids
+        tracer = self
+
+        @functools.wraps(orig_getattr)
+        def module_getattr(mod: nn.Module, attr: str) -> Any:
+            return tracer.getattr(attr, orig_getattr(mod, attr), parameter_proxy_cache)
+
+        @functools.wraps(orig_call)
+        def module_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                return orig_call(mod, *args, **kwargs)
+
+            st._autowrap_check(
+                patcher, getattr(getattr(mod, "forward", mod), "__globals__", {}), autowrap_ids
+            )
+            return tracer.call_module(mod, forward, args, kwargs)
+
+        with st._new_patcher() as patcher:
+            patcher.patch_method(nn.Module, "__getattr__", module_getattr, deduplicate=False)
+            patcher.patch_method(nn.Module, "__call__", module_call, deduplicate=False)
+            st._patch_wrapped_functions(patcher)
+            st._autowrap_check(patcher, fn_globals, autowrap_ids)
+            for module in self._autowrap_search:
+                st._autowrap_check(patcher, module.__dict__, autowrap_ids)
+            returns = inspect.get_annotations(inspect.unwrap(fn)).get("return")
+            self.create_node(
+                "output", "output", (self.create_arg(fn(*args)),), {}, type_expr=returns
+            )
+        self.submodule_paths = None
+        return self.graph
 
     def value_of(self, node: torch.fx.Node) -> Any:
         """The node's meta value, evaluating its not-yet-evaluated ancestors once."""
@@ -384,28 +551,37 @@ def _shallow_copy(m: nn.Module) -> nn.Module:
     return new
 
 
-def _structural_copy(model: nn.Module) -> nn.Module:
+def _structural_copy(model: nn.Module, paths: dict[str, nn.Module] | None = None) -> nn.Module:
     """Copy the module tree but share parameters, buffers and other attribute values.
 
     Tracing must not touch the user's modules (a forward that assigns ``self.cache = x`` would
     store a Proxy on them), and copying the weights would cost memory and time. Each module is
     copied shallowly with its own ``__dict__`` and its own child/parameter/buffer dicts.
+    ``paths``, when given, receives every copy by its module path (``""`` for the root; the
+    children of a module reached twice only under its first path).
     """
     memo: dict[int, nn.Module] = {}
 
-    def visit(m: nn.Module) -> nn.Module:
+    def visit(m: nn.Module, path: str) -> nn.Module:
         hit = memo.get(id(m))
         if hit is not None:
+            if paths is not None:
+                paths.setdefault(path, hit)
             return hit
         new = _shallow_copy(m)
         memo[id(m)] = new
+        if paths is not None:
+            paths[path] = new
         d = new.__dict__
         d["_parameters"] = dict(m._parameters)
         d["_buffers"] = dict(m._buffers)
-        d["_modules"] = {k: (visit(c) if c is not None else None) for k, c in m._modules.items()}
+        prefix = f"{path}." if path else ""
+        d["_modules"] = {
+            k: (visit(c, prefix + k) if c is not None else None) for k, c in m._modules.items()
+        }
         return new
 
-    return visit(model)
+    return visit(model, "")
 
 
 def _leaf_spec(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], frozenset[str]]:
@@ -439,7 +615,8 @@ def trace_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    root = _structural_copy(model)
+    paths: dict[str, nn.Module] = {}
+    root = _structural_copy(model, paths)
     leaf_types, leaf_paths = _leaf_spec(leaf_modules)
     missing = [p for p in leaf_paths if p and not _has_submodule(root, p)]
     if missing:
@@ -449,6 +626,7 @@ def trace_model(
         args, kwargs = normalize_inputs(example_inputs)
         example = (tuple(_to_meta(a) for a in args), {k: _to_meta(v) for k, v in kwargs.items()})
     tracer = _Tracer(leaf_types, leaf_paths, example)
+    tracer.known_paths = paths
     name = type(model).__name__
     try:
         graph = tracer.trace(root, concrete_args=dict(concrete_args) if concrete_args else None)
@@ -470,7 +648,7 @@ def trace_model(
         ) from e
     for node, scope in tracer.scopes.items():
         node.meta[META_KEY] = NodeInfo(value=None, scope=scope)
-    return Traced(root=root, graph=graph, name=name, guards=list(tracer.guards))
+    return Traced(root=root, graph=graph, name=name, modules=paths, guards=list(tracer.guards))
 
 
 def _has_submodule(root: nn.Module, path: str) -> bool:
@@ -695,6 +873,8 @@ _BROADCAST_METHODS = {"add", "add_", "mul", "mul_", "sub", "div"}
 
 
 def _fast_module(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    if type(mod) is nn.MultiheadAttention:
+        return _attention_shape(mod, args, kwargs)
     if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
         return None
     x = args[0]
@@ -713,6 +893,61 @@ def _fast_module(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 
 
 _SAME_MODULE_SET = frozenset(_SAME_MODULES)
+_ATTENTION_ARGS = (
+    "query",
+    "key",
+    "value",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "average_attn_weights",
+    "is_causal",
+)
+
+
+def _attention_shape(
+    mod: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``nn.MultiheadAttention``'s outputs from its shape rule: on ``meta`` its attention kernel
+    runs through Python decompositions (~3 ms a call). Masks, or anything that does not fit,
+    take the real module (which raises its own error)."""
+    if len(args) > len(_ATTENTION_ARGS) or not set(kwargs) <= set(_ATTENTION_ARGS):
+        return None
+    bound = dict(zip(_ATTENTION_ARGS, args, strict=False)) | kwargs
+    q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        return None
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+    assert isinstance(v, torch.Tensor)
+    if bound.get("key_padding_mask") is not None or bound.get("attn_mask") is not None:
+        return None
+    if bound.get("is_causal", False) or not (q.dim() == k.dim() == v.dim() in (2, 3)):
+        return None
+    if not (q.dtype == k.dtype == v.dtype and q.dtype.is_floating_point):
+        return None
+    if (q.shape[-1], k.shape[-1], v.shape[-1]) != (mod.embed_dim, mod.kdim, mod.vdim):
+        return None
+    batched = q.dim() == 3
+    if batched and mod.batch_first:
+        n, tgt, src = q.shape[0], q.shape[1], k.shape[1]
+        if (k.shape[0], v.shape[0], v.shape[1]) != (n, n, src):
+            return None
+    elif batched:
+        n, tgt, src = q.shape[1], q.shape[0], k.shape[0]
+        if (k.shape[1], v.shape[1], v.shape[0]) != (n, n, src):
+            return None
+    else:
+        n, tgt, src = 0, q.shape[0], k.shape[0]
+        if v.shape[0] != src:
+            return None
+    out = torch.empty(q.shape, dtype=q.dtype, device="meta")
+    if not bound.get("need_weights", True):
+        return out, None
+    heads = () if bound.get("average_attn_weights", True) else (mod.num_heads,)
+    batch = (n,) if batched else ()
+    return out, torch.empty((*batch, *heads, tgt, src), dtype=q.dtype, device="meta")
+
+
 _CONV_DIMS: dict[type, int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 
@@ -811,6 +1046,7 @@ def propagate_shapes(
     *,
     modules: Mapping[str, nn.Module] | None = None,
     check: Callable[[torch.fx.Node, Any], None] | None = None,
+    overrides: Mapping[torch.fx.Node, NodeView] | None = None,
 ) -> dict[torch.fx.Node, Any]:
     """Compute every node's value on the ``meta`` device and store it in its :class:`NodeInfo`.
 
@@ -820,6 +1056,8 @@ def propagate_shapes(
         modules: replacement modules by path (the rewrite's verifier passes resized ones); when
             given, node metadata is left untouched and only the values are returned.
         check: called with each node and its value (the verifier compares shapes there).
+        overrides: nodes to evaluate as other ops or with other arguments (a rewrite's
+            changes, without copying the graph); the values are stored under the original node.
 
     Raises:
         ShapeError: an op failed, naming the node, op and module path.
@@ -830,9 +1068,10 @@ def propagate_shapes(
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     inputs = _bind_placeholders(placeholders, args, kwargs)
     record = modules is None
+    overrides = overrides or {}
     for node in traced.graph.nodes:
         try:
-            value = _eval_node(traced, node, env, inputs, cache, modules)
+            value = _eval_node(traced, overrides.get(node, node), env, inputs, cache, modules)
         except ShapeError:
             raise
         except Exception as e:
@@ -879,7 +1118,7 @@ def _bind_placeholders(
 
 def _eval_node(
     traced: Traced,
-    node: torch.fx.Node,
+    node: torch.fx.Node | NodeView,
     env: dict[torch.fx.Node, Any],
     inputs: dict[torch.fx.Node, Any],
     cache: dict[int, nn.Module],
@@ -887,6 +1126,7 @@ def _eval_node(
 ) -> Any:
     op = node.op
     if op == "placeholder":
+        assert isinstance(node, torch.fx.Node)  # rewrites never replace placeholders
         return inputs[node]
     if op == "output":
         return _load_arg(env, node.args[0])

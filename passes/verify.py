@@ -13,7 +13,13 @@ import torch
 import torch.fx
 
 from fxconet.errors import ShapeError, VerificationError
-from fxconet.passes.trace import Traced, describe_node, normalize_inputs, propagate_shapes
+from fxconet.passes.trace import (
+    NodeView,
+    Traced,
+    describe_node,
+    normalize_inputs,
+    propagate_shapes,
+)
 
 __all__ = ["ShapeMismatch", "verify_channels"]
 
@@ -40,6 +46,7 @@ def verify_channels(
     *,
     expected: Mapping[str, Any] | None = None,
     modules: Mapping[str, Any] | None = None,
+    overrides: Mapping[torch.fx.Node, NodeView] | None = None,
 ) -> None:
     """Check that every layer's width matches its inputs, on ``meta`` tensors.
 
@@ -49,6 +56,7 @@ def verify_channels(
             ``(args, kwargs)`` pair.
         expected: predicted shape per node name; any difference raises.
         modules: replacement modules/tensors by qualified name (for a :class:`Traced` graph).
+        overrides: nodes evaluated with other ops or arguments (a rewrite applied in place).
 
     Raises:
         ShapeMismatch: a node computes a different shape than predicted, or fails
@@ -87,7 +95,9 @@ def verify_channels(
             )
 
     try:
-        propagate_shapes(traced, args, kwargs, modules=modules or {}, check=check)
+        propagate_shapes(
+            traced, args, kwargs, modules=modules or {}, check=check, overrides=overrides
+        )
     except ShapeMismatch:
         raise
     except ShapeError as e:

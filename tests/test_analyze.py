@@ -6,6 +6,8 @@ involves a rewrite, that a resize runs and removes zeroed channels without chang
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -840,6 +842,110 @@ def test_the_tracer_fast_node_path_builds_the_graph_fx_builds(monkeypatch):
     gm = fast.graph_module()
     gm.graph.lint()
     torch.testing.assert_close(gm(x), model(x))
+
+
+class _TensorAttrNet(nn.Module):
+    """A plain tensor attribute (not a buffer), a shared submodule and a tensor made in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = torch.linspace(0.5, 1.5, 8).view(1, 8, 1, 1)
+        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.head = nn.ModuleDict({"a": nn.Conv2d(8, 3, 1)})
+        self.again = self.head["a"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(self.conv(x) * self.scale + torch.ones(8).view(1, 8, 1, 1))
+        return self.again(y) + self.head["a"](y)
+
+
+@pytest.mark.parametrize("case", ["tensor-attrs", "convnext", "vit"])
+def test_the_tracer_fast_trace_builds_the_graph_fx_trace_builds(monkeypatch, case):
+    import torchvision
+
+    from fxconet.passes import trace as T
+
+    model: nn.Module
+    if case == "tensor-attrs":
+        model, x = _TensorAttrNet().eval(), torch.randn(1, 3, 8, 8)
+    elif case == "convnext":
+        model, x = torchvision.models.convnext_tiny().eval(), torch.randn(1, 3, 64, 64)
+    else:
+        model = torchvision.models.vit_b_32(image_size=64).eval()
+        x = torch.randn(1, 3, 64, 64)
+    assert T._FAST_TRACE  # the installed torch takes the fast path
+    fast = T.trace_model(model, example_inputs=x)
+    monkeypatch.setattr(T, "_FAST_TRACE", False)
+    slow = T.trace_model(model, example_inputs=x)
+    assert fast.graph.python_code("self").src == slow.graph.python_code("self").src
+    assert [n.meta[T.META_KEY].scope for n in fast.graph.nodes] == [
+        n.meta[T.META_KEY].scope for n in slow.graph.nodes
+    ]
+    # modules by path come from the structural copy
+    for path, mod in fast.root.named_modules():
+        assert fast.module(path) is mod
+    torch.testing.assert_close(fast.graph_module()(x), model(x))
+    if case == "tensor-attrs":
+        targets = {n.target for n in fast.graph.nodes if n.op == "get_attr"}
+        assert "scale" in targets  # found by the on-demand lookup, as fx's eager walk finds it
+        assert_exact_removal(model, x)
+
+
+def test_multihead_attention_shape_rule_matches_the_module():
+    from fxconet.passes.trace import _attention_shape, _to_meta
+
+    torch.manual_seed(0)
+    for batch_first, kdim, need, average, batched in itertools.product(
+        (False, True), (None, 12), (True, False), (True, False), (True, False)
+    ):
+        mod = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=kdim).eval()
+        k_width = kdim or 16
+        if batched:
+            q = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+            k = torch.randn(2, 7, k_width) if batch_first else torch.randn(7, 2, k_width)
+        else:
+            q, k = torch.randn(5, 16), torch.randn(7, k_width)
+        kwargs = {"need_weights": need, "average_attn_weights": average}
+        want = mod(q, k, k, **kwargs)
+        got = _attention_shape(mod, (_to_meta(q), _to_meta(k), _to_meta(k)), kwargs)
+        assert got is not None
+        assert [None if t is None else tuple(t.shape) for t in got] == [
+            None if t is None else tuple(t.shape) for t in want
+        ]
+    # what the rule does not cover runs the module: masks, mismatched widths
+    mod = nn.MultiheadAttention(16, 4)
+    q = _to_meta(torch.randn(5, 2, 16))
+    assert _attention_shape(mod, (q, q, q), {"attn_mask": _to_meta(torch.ones(5, 5))}) is None
+    assert _attention_shape(mod, (_to_meta(torch.randn(5, 2, 8)), q, q), {}) is None
+
+
+def test_the_dag_is_built_on_first_use_and_matches_the_graph():
+    graph = fxconet.analyze(Residual(), torch.randn(2, 3, 8, 8))
+    dag = graph.to_networkx()
+    assert len(graph.tensors) == dag.number_of_nodes() > 0
+    assert len(graph.edges) == dag.number_of_edges() > 0
+    assert graph.tensors == tuple(graph.tensors) and graph.edges[0] == list(graph.edges)[0]
+    assert {t.name for t in graph.tensors} == set(dag.nodes)
+
+
+def test_the_shape_probe_leaves_the_model_untouched():
+    import copy
+
+    import torchvision
+
+    model = torchvision.models.shufflenet_v2_x0_5().eval()
+    before = copy.deepcopy(model)
+    attrs = {name: dict(vars(m)) for name, m in model.named_modules()}
+    graph = fxconet.analyze(model, torch.randn(1, 3, 64, 64), probe=True)
+    assert graph.free
+    for name, m in model.named_modules():
+        assert vars(m).keys() == attrs[name].keys()
+        for k, v in vars(m).items():
+            if not isinstance(v, dict):
+                assert v is attrs[name][k] or v == attrs[name][k], (name, k)
+    for (k, a), b in zip(model.state_dict().items(), before.state_dict().values(), strict=True):
+        assert a.device.type == "cpu" and torch.equal(a, b), k
 
 
 def test_the_collector_pause_is_undone_after_success_errors_and_when_already_off():
