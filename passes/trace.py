@@ -18,7 +18,7 @@ import operator
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -40,9 +40,9 @@ __all__ = [
 META_KEY = "fxconet"  # the one node.meta key fxconet writes
 
 
-@dataclass(frozen=True)
-class NodeInfo:
-    """What the passes know about a node (stored in ``node.meta[META_KEY]``).
+class NodeInfo(NamedTuple):
+    """What the passes know about a node (stored in ``node.meta[META_KEY]``; a named tuple:
+    one is made per node and pass, and a tuple costs a third of a frozen dataclass).
 
     Attributes:
         value: the node's value on the ``meta`` device: a tensor, a tuple/list of tensors, a
@@ -309,6 +309,7 @@ class _Tracer(torch.fx.Tracer):
         self._evaluating = False  # computing values: modules run for real (on meta tensors)
         self.guards: list[torch.fx.Node] = []
         self.known_paths: dict[str, nn.Module] | None = None  # the root's modules by path
+        self._names: tuple[nn.Module, dict[int, Any], dict[int, Any]] | None = None
         # Nothing asks fx for per-node extras: nodes are created straight on the graph.
         self._plain = not (
             self.check_mutable_operations
@@ -454,9 +455,41 @@ class _Tracer(torch.fx.Tracer):
         return super().to_bool(obj)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """fx's ``getattr``: a parameter (or buffer) read as a module attribute becomes a
+        ``get_attr`` node of its qualified name. fx finds the name by walking every parameter of
+        the model on each such read (half of tracing ConvNeXt, which reads ``layer_scale``);
+        here the names are indexed once per trace. A tensor not in the index (added while
+        tracing, or a plain attribute) takes fx's own search."""
         if self._evaluating:
             return attr_val
+        if isinstance(attr_val, torch.Tensor) and not self.param_shapes_constant:
+            params, buffers = self._tensor_names()
+            name = None
+            if isinstance(attr_val, nn.Parameter):
+                hit = params.get(id(attr_val))
+                name = hit[0] if hit is not None and hit[1] is attr_val else None
+            if name is None and self.proxy_buffer_attributes:
+                hit = buffers.get(id(attr_val))
+                name = hit[0] if hit is not None and hit[1] is attr_val else None
+            if name is not None:
+                proxy = parameter_proxy_cache.get(name)
+                if proxy is None:
+                    proxy = parameter_proxy_cache[name] = self.create_proxy(
+                        "get_attr", name, (), {}
+                    )
+                return proxy
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _tensor_names(self) -> tuple[dict[int, Any], dict[int, Any]]:
+        """The root's parameters and buffers by id, with their first qualified names (as
+        ``named_parameters()``/``named_buffers()`` give them)."""
+        root = self.root
+        cached = self._names
+        if cached is None or cached[0] is not root:
+            params = {id(p): (n, p) for n, p in root.named_parameters()}
+            buffers = {id(b): (n, b) for n, b in root.named_buffers()}
+            cached = self._names = (root, params, buffers)
+        return cached[1], cached[2]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths or (
@@ -647,7 +680,7 @@ def trace_model(
             "control flow with concrete_args={...}"
         ) from e
     for node, scope in tracer.scopes.items():
-        node.meta[META_KEY] = NodeInfo(value=None, scope=scope)
+        node.meta[META_KEY] = NodeInfo(None, scope)
     return Traced(root=root, graph=graph, name=name, modules=paths, guards=list(tracer.guards))
 
 
@@ -1084,7 +1117,7 @@ def propagate_shapes(
         if record:
             info = node.meta.get(META_KEY)
             scope = info.scope if isinstance(info, NodeInfo) else ""
-            node.meta[META_KEY] = NodeInfo(value=value, scope=scope)
+            node.meta[META_KEY] = NodeInfo(value, scope)
         if check is not None:
             check(node, value)
     return env

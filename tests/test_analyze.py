@@ -862,6 +862,8 @@ class _TensorAttrNet(nn.Module):
 
 @pytest.mark.parametrize("case", ["tensor-attrs", "convnext", "vit"])
 def test_the_tracer_fast_trace_builds_the_graph_fx_trace_builds(monkeypatch, case):
+    """The tracer's own ``trace`` and parameter index give fx's graph (ConvNeXt reads its
+    ``layer_scale`` parameters as attributes; ViT its class token and position embedding)."""
     import torchvision
 
     from fxconet.passes import trace as T
@@ -877,6 +879,13 @@ def test_the_tracer_fast_trace_builds_the_graph_fx_trace_builds(monkeypatch, cas
     assert T._FAST_TRACE  # the installed torch takes the fast path
     fast = T.trace_model(model, example_inputs=x)
     monkeypatch.setattr(T, "_FAST_TRACE", False)
+
+    def fx_getattr(self, attr, attr_val, cache):  # fx's parameter search, no index
+        return (
+            attr_val if self._evaluating else torch.fx.Tracer.getattr(self, attr, attr_val, cache)
+        )
+
+    monkeypatch.setattr(T._Tracer, "getattr", fx_getattr)
     slow = T.trace_model(model, example_inputs=x)
     assert fast.graph.python_code("self").src == slow.graph.python_code("self").src
     assert [n.meta[T.META_KEY].scope for n in fast.graph.nodes] == [
