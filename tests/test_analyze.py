@@ -929,6 +929,38 @@ def test_multihead_attention_shape_rule_matches_the_module():
     assert _attention_shape(mod, (_to_meta(torch.randn(5, 2, 8)), q, q), {}) is None
 
 
+@pytest.mark.parametrize("v2", [False, True])
+def test_swin_window_attention_shape_rule_matches_the_function(v2):
+    from torchvision.models.swin_transformer import shifted_window_attention
+
+    from fxconet.passes.trace import _fast_function, _to_meta
+
+    torch.manual_seed(0)
+    c, heads, window = 12, 3, [4, 4]
+    n = window[0] * window[1]
+    for hw, shift in (((8, 8), [0, 0]), ((7, 10), [2, 2]), ((3, 3), [2, 2])):
+        args = (
+            torch.randn(2, *hw, c),
+            torch.randn(3 * c, c),
+            torch.randn(c, c),
+            torch.randn(1, heads, n, n),
+            window,
+            heads,
+            shift,
+        )
+        kwargs = {"qkv_bias": torch.randn(3 * c), "proj_bias": torch.randn(c), "training": False}
+        if v2:
+            kwargs["logit_scale"] = torch.rand(heads, 1, 1)
+        want = shifted_window_attention(*args, **kwargs)
+        meta_args = tuple(_to_meta(a) for a in args)
+        meta_kwargs = {k: _to_meta(v) for k, v in kwargs.items()}
+        got = _fast_function(shifted_window_attention, meta_args, meta_kwargs)
+        assert got is not None and got.shape == want.shape
+        # weights that do not fit the input: the function itself runs (and fails)
+        bad = (meta_args[0], _to_meta(torch.randn(3 * c, c + 1)), *meta_args[2:])
+        assert _fast_function(shifted_window_attention, bad, meta_kwargs) is None
+
+
 def test_the_dag_is_built_on_first_use_and_matches_the_graph():
     graph = fxconet.analyze(Residual(), torch.randn(2, 3, 8, 8))
     dag = graph.to_networkx()
