@@ -567,7 +567,7 @@ def _batch_norm(ctx: RuleContext) -> Any:
         return ctx.opaque()
     lc = xd[1]
     for name in ("weight", "bias", "running_mean", "running_var"):
-        p = ctx.param(name)
+        p = ctx.param(name, like=(lc,))
         if p is not None:
             ctx.tie(p[0], lc)
     layer = ctx.layer("norm")
@@ -604,7 +604,7 @@ def _layer_norm(ctx: RuleContext) -> Any:
     for j, layout in enumerate(norm):
         ctx.inexact(layout)
         for name in ("weight", "bias"):
-            p = ctx.param(name)
+            p = ctx.param(name, like=tuple(norm))
             if p is not None:
                 ctx.tie(p[j], layout)
     layer = ctx.layer("norm")
@@ -660,7 +660,7 @@ def _group_norm(ctx: RuleContext) -> Any:
     g, c = m.num_groups, m.num_channels
     _group_structure(ctx, lc, g, c)
     for name in ("weight", "bias"):
-        p = ctx.param(name)
+        p = ctx.param(name, like=(lc,))
         if p is not None:
             ctx.tie(p[0], lc)
     layer = ctx.layer("norm")

@@ -177,8 +177,15 @@ class RuleContext:
             return tuple(self.fixed_like(v, what) for v in value)
         return None
 
-    def param(self, name: str, module: nn.Module | None = None) -> Dims | None:
-        """Per-dim layouts of parameter/buffer ``name`` of this node's module (None if unset)."""
+    def param(
+        self, name: str, module: nn.Module | None = None, *, like: Dims | None = None
+    ) -> Dims | None:
+        """Per-dim layouts of parameter/buffer ``name`` of this node's module (None if unset).
+
+        ``like``: the layouts the parameter's dims are about to be tied to (a norm's weight to
+        its input channels); a parameter seen for the first time takes them directly. Tie them
+        anyway: a shared parameter keeps the layouts it got first.
+        """
         mod = module if module is not None else self.module
         if mod is None:
             raise AssertionError("param() needs a module")
@@ -187,7 +194,7 @@ class RuleContext:
             return None
         layer = self.layer()
         layer.params[name] = id(t)
-        return self.solver.param_dims(t, f"{self.path}.{name}" if self.path else name)
+        return self.solver.param_dims(t, f"{self.path}.{name}" if self.path else name, like)
 
     def role(self, name: str, dim: int, role: str) -> None:
         """Mark dim ``dim`` of parameter ``name`` as the layer's "in" or "out" channels."""
@@ -339,10 +346,21 @@ class _Solver:
         if unknown:
             raise KeyError(f"freeze= names unknown module paths {sorted(unknown)}")
 
-    def param_dims(self, t: torch.Tensor, path: str) -> Dims:
+    def param_dims(self, t: torch.Tensor, path: str, like: Dims | None = None) -> Dims:
+        """Per-dim layouts of a parameter: ``like`` for one seen here first whose shape fits it
+        (what a fresh layout tied to ``like`` would become, without the variables), else one
+        fresh variable per dim."""
         rec = self.params.get(id(t))
         if rec is None:
-            dims = tuple([self.slots.layout(int(s)) for s in t.shape])
+            slots = self.slots
+            if (
+                like is not None
+                and len(like) == t.dim()
+                and all(slots.total(lay) == s for lay, s in zip(like, t.shape, strict=True))
+            ):
+                dims = like
+            else:
+                dims = tuple([slots.layout(int(s)) for s in t.shape])
             rec = ParamRecord(path=path, tensor=t, dims=dims)
             self.params[id(t)] = rec
         return rec.dims
