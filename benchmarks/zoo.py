@@ -599,9 +599,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=3,
+        default=5,
         help="timed runs of analyze / build_dependency after one warm-up; the median is "
-        "reported (default: 3)",
+        "reported (default: 5: single runs on a shared 2-core machine vary by up to 2x)",
     )
     parser.add_argument(
         "--threads", type=int, default=2, help="torch.set_num_threads for every model (default: 2)"
