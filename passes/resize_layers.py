@@ -379,14 +379,14 @@ class _Builder:
         rec = self.solution.params.get(key)
         if rec is None:
             new = torch.empty_like(old, device="meta") if self.meta else old.detach().clone()
+        elif self.meta:  # shapes only: no position maps
+            shape = tuple(self.plan.size_of(layout) for layout in rec.dims)
+            new = torch.empty(shape, dtype=old.dtype, device="meta")
         else:
             maps = self.maps(rec)
-            if self.meta:
-                new = torch.empty(_new_shape(rec, maps), dtype=old.dtype, device="meta")
-            else:
-                if fresh is None and any(m is not None and (m < 0).any() for m in maps):
-                    fresh = _default_raw_init(rec, _new_shape(rec, maps), old)
-                new = _gather(old, maps, rec.roles, fresh)
+            if fresh is None and any(m is not None and (m < 0).any() for m in maps):
+                fresh = _default_raw_init(rec, _new_shape(rec, maps), old)
+            new = _gather(old, maps, rec.roles, fresh)
         new = _as_param(new, old)
         self.tensors[key] = new
         return new
@@ -439,11 +439,17 @@ class _Builder:
         return False
 
     def _changes(self, mod: nn.Module, layer: LayerRecord) -> bool:
+        size_of = self.plan.size_of
         for t in [*mod._parameters.values(), *mod._buffers.values()]:
             if t is None:
                 continue
             rec = self.solution.params.get(id(t))
-            if rec is not None and any(m is not None for m in self.maps(rec)):
+            if rec is None:
+                continue
+            if self.meta:  # a shape check needs the new sizes only
+                if any(size_of(lay) != s for lay, s in zip(rec.dims, t.shape, strict=True)):
+                    return True
+            elif any(m is not None for m in self.maps(rec)):
                 return True
         for layout in layer.notes.get("layouts", ()):
             if self.plan.size_of(layout) != self.solution.slots.total(layout):

@@ -310,6 +310,7 @@ class _Tracer(torch.fx.Tracer):
         self.guards: list[torch.fx.Node] = []
         self.known_paths: dict[str, nn.Module] | None = None  # the root's modules by path
         self._names: tuple[nn.Module, dict[int, Any], dict[int, Any]] | None = None
+        self._view: Traced | None = None  # the graph being traced, for value_of
         # Nothing asks fx for per-node extras: nodes are created straight on the graph.
         self._plain = not (
             self.check_mutable_operations
@@ -416,20 +417,26 @@ class _Tracer(torch.fx.Tracer):
             return self.values[node]
         assert self.example is not None
         order: list[torch.fx.Node] = []
+        ordered: set[torch.fx.Node] = set()
+        values = self.values
         stack = [node]
         while stack:
             n = stack[-1]
-            pending = [i for i in n.all_input_nodes if i not in self.values and i not in order]
+            pending = [i for i in n.all_input_nodes if i not in values and i not in ordered]
             if pending:
                 stack.extend(pending)
                 continue
             stack.pop()
-            if n not in self.values and n not in order:
+            if n not in values and n not in ordered:
                 order.append(n)
+                ordered.add(n)
         if self._inputs is None:
             placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
             self._inputs = _bind_placeholders(placeholders, *self.example)
-        view = Traced(root=self.root, graph=self.graph, name="")
+        view = self._view
+        if view is None or view.root is not self.root or view.graph is not self.graph:
+            paths = self.known_paths if self.known_paths is not None else {}
+            view = self._view = Traced(root=self.root, graph=self.graph, name="", modules=paths)
         self._evaluating = True
         try:
             for n in order:
@@ -559,7 +566,27 @@ class _Tracer(torch.fx.Tracer):
             return t(self.create_arg(x) for x in a)
         if t is dict and all(type(k) is str for k in a):
             return {k: self.create_arg(v) for k, v in a.items()}
+        if t is nn.Parameter or t is torch.Tensor:
+            return self._tensor_arg(a)
         return super().create_arg(a)
+
+    def _tensor_arg(self, a: torch.Tensor) -> Any:
+        """fx's ``create_arg`` for a concrete tensor, with names from the per-trace index (fx
+        walks every parameter or buffer of the model for each one): a parameter or buffer
+        becomes a ``get_attr`` of its first name, any other tensor a ``_tensor_constant``
+        attribute (once per tensor)."""
+        params, buffers = self._tensor_names()
+        hit = (params if isinstance(a, nn.Parameter) else buffers).get(id(a))
+        if hit is not None and hit[1] is a:
+            return self.create_node("get_attr", hit[0], (), {})
+        if isinstance(a, nn.Parameter) or not hasattr(self, "get_fresh_qualname"):
+            return super().create_arg(a)  # not the model's: fx's search, and its error
+        qualname = self.tensor_attrs.get(a)
+        if not qualname:
+            qualname = self.get_fresh_qualname("_tensor_constant")
+            self.tensor_attrs[a] = qualname
+            setattr(self.root, qualname, a)
+        return self.create_node("get_attr", qualname, (), {})
 
 
 # module class -> defines its own copy/pickle protocol (weak: GraphModules make a class each)

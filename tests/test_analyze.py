@@ -845,18 +845,22 @@ def test_the_tracer_fast_node_path_builds_the_graph_fx_builds(monkeypatch):
 
 
 class _TensorAttrNet(nn.Module):
-    """A plain tensor attribute (not a buffer), a shared submodule and a tensor made in forward."""
+    """A plain tensor attribute (not a buffer), a buffer, a shared submodule and tensors made in
+    forward (fx reads buffers as concrete tensors: ``shift`` is an argument, its view a
+    constant)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.scale = torch.linspace(0.5, 1.5, 8).view(1, 8, 1, 1)
+        self.register_buffer("shift", torch.linspace(-1.0, 1.0, 8).view(1, 8, 1, 1))
         self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
         self.head = nn.ModuleDict({"a": nn.Conv2d(8, 3, 1)})
         self.again = self.head["a"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.block(self.conv(x) * self.scale + torch.ones(8).view(1, 8, 1, 1))
+        y = self.conv(x) * self.scale + torch.ones(8).view(1, 8, 1, 1)
+        y = self.block(torch.add(y, self.shift) + self.shift.flatten()[:, None, None])
         return self.again(y) + self.head["a"](y)
 
 
@@ -886,6 +890,7 @@ def test_the_tracer_fast_trace_builds_the_graph_fx_trace_builds(monkeypatch, cas
         )
 
     monkeypatch.setattr(T._Tracer, "getattr", fx_getattr)
+    monkeypatch.setattr(T._Tracer, "_tensor_arg", torch.fx.Tracer.create_arg)
     slow = T.trace_model(model, example_inputs=x)
     assert fast.graph.python_code("self").src == slow.graph.python_code("self").src
     assert [n.meta[T.META_KEY].scope for n in fast.graph.nodes] == [
@@ -898,6 +903,8 @@ def test_the_tracer_fast_trace_builds_the_graph_fx_trace_builds(monkeypatch, cas
     if case == "tensor-attrs":
         targets = {n.target for n in fast.graph.nodes if n.op == "get_attr"}
         assert "scale" in targets  # found by the on-demand lookup, as fx's eager walk finds it
+        assert "shift" in targets  # a buffer as an argument: named from the index
+        assert any(str(t).startswith("_tensor_constant") for t in targets)
         assert_exact_removal(model, x)
 
 
