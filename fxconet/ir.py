@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, overload
 
-__all__ = ["ChannelGraph", "ChannelGroup", "EdgeInfo", "LayerInfo", "TensorInfo"]
+__all__ = ["ChannelGraph", "ChannelGroup", "Deferred", "EdgeInfo", "LayerInfo", "TensorInfo"]
 
 
 def _require(cond: bool, record: str, name: str, value: Any, why: str) -> None:
