@@ -380,8 +380,7 @@ class _Builder:
         if rec is None:
             new = torch.empty_like(old, device="meta") if self.meta else old.detach().clone()
         elif self.meta:  # shapes only: no position maps
-            shape = tuple(self.plan.size_of(layout) for layout in rec.dims)
-            new = torch.empty(shape, dtype=old.dtype, device="meta")
+            new = torch.empty(self._meta_shape(rec), dtype=old.dtype, device="meta")
         else:
             maps = self.maps(rec)
             if fresh is None and any(m is not None and (m < 0).any() for m in maps):
@@ -438,16 +437,19 @@ class _Builder:
                 return True
         return False
 
+    def _meta_shape(self, rec: ParamRecord) -> tuple[int, ...]:
+        """A parameter's new shape from the new sizes alone (all a shape check needs)."""
+        return tuple(self.plan.size_of(layout) for layout in rec.dims)
+
     def _changes(self, mod: nn.Module, layer: LayerRecord) -> bool:
-        size_of = self.plan.size_of
         for t in [*mod._parameters.values(), *mod._buffers.values()]:
             if t is None:
                 continue
             rec = self.solution.params.get(id(t))
             if rec is None:
                 continue
-            if self.meta:  # a shape check needs the new sizes only
-                if any(size_of(lay) != s for lay, s in zip(rec.dims, t.shape, strict=True)):
+            if self.meta:
+                if self._meta_shape(rec) != tuple(t.shape):
                     return True
             elif any(m is not None for m in self.maps(rec)):
                 return True

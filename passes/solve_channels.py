@@ -534,20 +534,11 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
     leaf_of: list[int] = []
     seen: set[int] = set()  # ids of the layouts visited (nodes share their inputs' layouts)
 
-    find, sub = slots.find, slots.sub
-
     def visit(layout: Layout) -> None:
         key = id(layout)
         if key in seen:
             return
         seen.add(key)
-        if len(layout) == 1:  # one unrefined variable (most layouts): no leaf list to build
-            r = find(layout[0][1])
-            if sub[r] is None:
-                if produced[r] and r not in group_of:
-                    group_of[r] = len(leaf_of)
-                    leaf_of.append(r)
-                return
         for v in slots.leaves(layout):
             if produced[v] and v not in group_of:
                 group_of[v] = len(leaf_of)

@@ -470,14 +470,11 @@ class _Tracer(torch.fx.Tracer):
         if self._evaluating:
             return attr_val
         if isinstance(attr_val, torch.Tensor) and not self.param_shapes_constant:
-            params, buffers = self._tensor_names()
             name = None
             if isinstance(attr_val, nn.Parameter):
-                hit = params.get(id(attr_val))
-                name = hit[0] if hit is not None and hit[1] is attr_val else None
+                name = self._indexed_name(attr_val, buffer=False)
             if name is None and self.proxy_buffer_attributes:
-                hit = buffers.get(id(attr_val))
-                name = hit[0] if hit is not None and hit[1] is attr_val else None
+                name = self._indexed_name(attr_val, buffer=True)
             if name is not None:
                 proxy = parameter_proxy_cache.get(name)
                 if proxy is None:
@@ -487,16 +484,17 @@ class _Tracer(torch.fx.Tracer):
                 return proxy
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
-    def _tensor_names(self) -> tuple[dict[int, Any], dict[int, Any]]:
-        """The root's parameters and buffers by id, with their first qualified names (as
-        ``named_parameters()``/``named_buffers()`` give them)."""
+    def _indexed_name(self, t: torch.Tensor, *, buffer: bool) -> str | None:
+        """The first qualified name of ``t`` among the root's buffers (or parameters), as
+        ``named_buffers()``/``named_parameters()`` give it; the index is built once per root."""
         root = self.root
         cached = self._names
         if cached is None or cached[0] is not root:
             params = {id(p): (n, p) for n, p in root.named_parameters()}
             buffers = {id(b): (n, b) for n, b in root.named_buffers()}
             cached = self._names = (root, params, buffers)
-        return cached[1], cached[2]
+        hit = (cached[2] if buffer else cached[1]).get(id(t))
+        return hit[0] if hit is not None and hit[1] is t else None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths or (
@@ -575,10 +573,9 @@ class _Tracer(torch.fx.Tracer):
         walks every parameter or buffer of the model for each one): a parameter or buffer
         becomes a ``get_attr`` of its first name, any other tensor a ``_tensor_constant``
         attribute (once per tensor)."""
-        params, buffers = self._tensor_names()
-        hit = (params if isinstance(a, nn.Parameter) else buffers).get(id(a))
-        if hit is not None and hit[1] is a:
-            return self.create_node("get_attr", hit[0], (), {})
+        name = self._indexed_name(a, buffer=not isinstance(a, nn.Parameter))
+        if name is not None:
+            return self.create_node("get_attr", name, (), {})
         if isinstance(a, nn.Parameter) or not hasattr(self, "get_fresh_qualname"):
             return super().create_arg(a)  # not the model's: fx's search, and its error
         qualname = self.tensor_attrs.get(a)
