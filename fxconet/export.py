@@ -32,7 +32,8 @@ import torch.fx
 from torch import nn
 
 from fxconet.errors import FxconetError
-from fxconet.passes.trace import normalize_inputs
+from fxconet.passes import fx_compat
+from fxconet.passes.nodes import normalize_inputs
 
 __all__ = [
     "ExportError",
@@ -259,8 +260,8 @@ def to_code(gm: torch.fx.GraphModule, class_name: str = "FxconetModel") -> str:
     # fx puts `wrap(...)` registrations of wrapped functions before `def forward`; they must
     # run at module level
     src_lines = python_code.src.strip("\n").splitlines()
-    wraps = [ln for ln in src_lines if ln.startswith("torch.fx._symbolic_trace.wrap(")]
-    forward = "\n".join("    " + ln if ln else ln for ln in src_lines if ln not in wraps)
+    wraps, rest = fx_compat.split_wrap_registrations(src_lines)
+    forward = "\n".join("    " + ln if ln else ln for ln in rest)
     if wraps:
         at = header.index("def _at(module, path):")
         header[at:at] = ["import torch", *wraps, "", ""]

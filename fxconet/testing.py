@@ -25,7 +25,7 @@ from torch import nn
 
 from fxconet.api import analyze, resize
 from fxconet.ir import ChannelGraph
-from fxconet.passes.trace import normalize_inputs
+from fxconet.passes.nodes import normalize_inputs
 
 __all__ = [
     "CheckResult",

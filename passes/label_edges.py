@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from fxconet.passes.nodes import META_KEY, NodeInfo
 from fxconet.passes.solve_channels import Solution
-from fxconet.passes.trace import META_KEY, NodeInfo
 
 __all__ = ["EdgeKind", "label_edges"]
 

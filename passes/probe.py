@@ -13,9 +13,9 @@ import torch
 import torch.fx
 
 from fxconet.ir import ChannelGraph
+from fxconet.passes.nodes import META_KEY
 from fxconet.passes.resize_layers import expected_shapes, plan_resize, probe_resized
 from fxconet.passes.solve_channels import Solution, build_graph, freeze_dims
-from fxconet.passes.trace import META_KEY
 from fxconet.passes.verify import ShapeMismatch, verify_channels
 
 __all__ = ["probe_channels", "probe_widths"]

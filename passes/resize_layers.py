@@ -32,9 +32,12 @@ from torch import nn
 
 from fxconet.errors import ChannelError
 from fxconet.ir import ChannelGraph, check_widths
-from fxconet.passes.slots import Layout
-from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution, is_layout
-from fxconet.passes.trace import META_KEY, NodeView, _structural_copy
+from fxconet.ops import registry as op_registry
+from fxconet.ops.layout import Layout, is_layout
+from fxconet.passes import fx_compat
+from fxconet.passes.module_copy import structural_copy
+from fxconet.passes.nodes import META_KEY, NodeView, get_attr
+from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution
 from fxconet.passes.verify import verify_channels
 
 __all__ = [
@@ -396,7 +399,7 @@ class _Builder:
         if not changed and not (self.init == "reset" and hasattr(mod, "reset_parameters")):
             return self._copy(mod)
         update = rec.update if rec is not None else None
-        new = self._structural(mod, shallow=update is None or _assigns_only(update))
+        new = self._structural(mod, shallow=update is None or op_registry.assigns_only(update))
         size_of = self.plan.size_of
         if rec is not None and rec.update is not None:
             rec.update(new, size_of, rec.notes)
@@ -461,7 +464,7 @@ class _Builder:
     def _structural(self, mod: nn.Module, shallow: bool = True) -> nn.Module:
         """A copy of the module tree that still holds the old tensors (in new dicts)."""
         if self.shallow and shallow:
-            return _structural_copy(mod)
+            return structural_copy(mod)
         memo: dict[int, Any] = {id(t): t for t in [*mod.parameters(), *mod.buffers()]}
         return copy.deepcopy(mod, memo)
 
@@ -479,12 +482,6 @@ class _Builder:
         for name, b in list(sub._buffers.items()):
             if b is not None:
                 sub._buffers[name] = self.tensor(b)
-
-
-def _assigns_only(update: Any) -> bool:
-    """fxconet's own ``update`` functions only assign module attributes, so they may run on a
-    shallow copy; a user's might change an attribute's value in place."""
-    return getattr(update, "__module__", None) == "fxconet.ops"
 
 
 def _set(mod: nn.Module, name: str, t: torch.Tensor) -> None:
@@ -513,10 +510,7 @@ def _node_changes(solution: Solution, plan: ResizePlan) -> dict[str, dict[str, A
 
 def _rewritten_graph(solution: Solution, plan: ResizePlan) -> torch.fx.Graph:
     graph = copy.deepcopy(solution.traced.graph)
-    # a pickled GraphModule re-traces itself with the graph's tracer class on load: the default
-    # tracer keeps loading independent of fxconet
-    graph._tracer_cls = None
-    graph._tracer_extras = None
+    fx_compat.detach_tracer(graph)
     by_name = {n.name: n for n in graph.nodes}
 
     def remap(a: Any) -> Any:
@@ -560,9 +554,7 @@ def _owners(builder: _Builder, *, copy_values: bool) -> dict[str, Any]:
         target = str(node.target)
         if node.op not in ("call_module", "get_attr") or target in owners:
             continue
-        value = (
-            traced.module(target) if node.op == "call_module" else _get_attr(traced.root, target)
-        )
+        value = traced.module(target) if node.op == "call_module" else get_attr(traced.root, target)
         if isinstance(value, nn.Module):
             owners[target] = builder.module(solution.layers.get(target), value)
         elif isinstance(value, torch.Tensor):
@@ -586,13 +578,6 @@ def probe_resized(plan: ResizePlan) -> tuple[dict[torch.fx.Node, NodeView], dict
         for name, change in _node_changes(solution, plan).items()
     }
     return overrides, owners
-
-
-def _get_attr(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def expected_shapes(plan: ResizePlan) -> dict[str, Any]:

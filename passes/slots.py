@@ -27,10 +27,9 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
-__all__ = ["Block", "Conflict", "Layout", "Slots"]
+from fxconet.ops.layout import Block, Layout
 
-Block = tuple[int, int, int]  # (outer, var, inner)
-Layout = tuple[Block, ...]
+__all__ = ["Block", "Conflict", "Layout", "Slots"]
 
 _MAX_BLOCKS = 4096  # cap on explicit repetition when expanding refined variables
 

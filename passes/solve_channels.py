@@ -19,12 +19,22 @@ from torch import nn
 
 from fxconet import ops as _ops
 from fxconet.ir import ChannelGraph, ChannelGroup, Deferred, EdgeInfo, LayerInfo, TensorInfo
-from fxconet.passes.slots import Conflict, Layout, Slots
-from fxconet.passes.trace import META_KEY, NodeInfo, Traced, describe_node
+from fxconet.ops.layout import Block, Dims, Layout, is_layout, iter_layouts
+from fxconet.passes.nodes import META_KEY, NodeInfo, Traced, describe_node, get_attr, has_submodule
+from fxconet.passes.slots import Conflict, Slots
 
-__all__ = ["LayerRecord", "ParamRecord", "RuleContext", "Solution", "solve_channels"]
+__all__ = [
+    "LayerRecord",
+    "ParamRecord",
+    "RuleContext",
+    "Solution",
+    "build_graph",
+    "freeze_dims",
+    "is_layout",
+    "iter_layouts",
+    "solve_channels",
+]
 
-Dims = tuple[Layout, ...]
 Rewrite = Callable[[Callable[[Layout], int]], dict[str, Any]]
 
 
@@ -83,8 +93,8 @@ class RuleContext:
     """
 
     def __init__(self, solver: _Solver, node: torch.fx.Node, module: nn.Module | None) -> None:
-        self.solver = solver
-        self.slots = solver.slots
+        self._solver = solver
+        self._slots = solver.slots
         self.node = node
         self.module = module
         self.path: str | None = str(node.target) if node.op == "call_module" else None
@@ -126,11 +136,35 @@ class RuleContext:
     def dims(self, a: Any) -> Dims | None:
         """Per-dim layouts of a tensor argument (None for non-tensors)."""
         if isinstance(a, torch.fx.Node):
-            d = self.solver.dims.get(a.name)
+            d = self._solver.dims.get(a.name)
             if isinstance(d, tuple) and (not d or isinstance(d[0], tuple) and is_layout(d[0])):
                 return d
             return None
         return None
+
+    def layouts(self, a: Any) -> Any:
+        """The raw layouts of any Node argument: a tensor's Dims, a tuple of them for a
+        tuple-valued node, or None."""
+        if isinstance(a, torch.fx.Node):
+            return self._solver.dims.get(a.name)
+        return None
+
+    def variable(self, layout: Layout) -> bool:
+        """True when some channel of ``layout`` may still change size (not every slot frozen)."""
+        return not self._slots.is_fixed(layout)
+
+    def size_terms(self, layout: Layout) -> dict[int, int]:
+        """The size of ``layout`` as a sum over free slots (``{slot: multiplicity}``) plus the
+        frozen part under key ``-1``: two layouts have the same size for every choice of widths
+        exactly when their terms are equal."""
+        slots = self._slots
+        terms: dict[int, int] = {}
+        for o, v, i in slots.expand(layout):
+            if slots.reason[v] is not None:
+                terms[-1] = terms.get(-1, 0) + o * slots.size[v] * i
+            else:
+                terms[v] = terms.get(v, 0) + o * i
+        return terms
 
     def tensor_args(self) -> list[torch.fx.Node]:
         """Every tensor-valued Node among the (nested) args and kwargs."""
@@ -147,11 +181,12 @@ class RuleContext:
     def provenance(self, a: Any) -> Any:
         """For a size value computed from a tensor (``x.size(1)``), the layout it measures."""
         if isinstance(a, torch.fx.Node):
-            return self.solver.provenance.get(a.name)
+            return self._solver.provenance.get(a.name)
         return None
 
     def set_provenance(self, value: Any) -> None:
-        self.solver.provenance[self.node.name] = value
+        """Record the layout a size value (``x.size(1)``) computed by this node measures."""
+        self._solver.provenance[self.node.name] = value
 
     def describe(self) -> str:
         return describe_node(self.node)
@@ -160,11 +195,11 @@ class RuleContext:
 
     def fresh(self, size: int, *, produced: bool = False) -> Layout:
         """A layout of one new free variable (``produced``: a width-choosing layer makes it)."""
-        return self.slots.layout(size, produced=produced)
+        return self._slots.layout(size, produced=produced)
 
     def fixed(self, size: int, what: str = "dim") -> Layout:
         """A layout of one new frozen variable (a dim whose size can never change)."""
-        return self.slots.layout(size, reason=f"{what} of `{self.node.name}` is fixed")
+        return self._slots.layout(size, reason=f"{what} of `{self.node.name}` is fixed")
 
     def fixed_dims(self, shape: Sequence[int], what: str = "dim") -> Dims:
         return tuple(self.fixed(int(s), what) for s in shape)
@@ -194,76 +229,112 @@ class RuleContext:
             return None
         layer = self.layer()
         layer.params[name] = id(t)
-        return self.solver.param_dims(t, f"{self.path}.{name}" if self.path else name, like)
+        return self._solver.param_dims(t, f"{self.path}.{name}" if self.path else name, like)
 
     def role(self, name: str, dim: int, role: str) -> None:
         """Mark dim ``dim`` of parameter ``name`` as the layer's "in" or "out" channels."""
         t = getattr(self.module, name)
-        self.solver.params[id(t)].roles[dim] = role
+        self._solver.params[id(t)].roles[dim] = role
         if role == "out" and self.is_conv:
-            self.solver.params[id(t)].producer = True
+            self._solver.params[id(t)].producer = True
 
     def layer(self, kind: str | None = None) -> LayerRecord:
         """The :class:`LayerRecord` of this node's module (created on first use)."""
         assert self.path is not None
-        rec = self.solver.layers.get(self.path)
+        rec = self._solver.layers.get(self.path)
         if rec is None:
             rec = LayerRecord(path=self.path, kind=kind or "other", module=self.module)
-            self.solver.layers[self.path] = rec
+            self._solver.layers[self.path] = rec
         elif kind is not None:
             rec.kind = kind
         return rec
+
+    def raw_layer(
+        self,
+        weight: Any,
+        bias: Any,
+        kind: str,
+        lin: Layout | None,
+        lout: Layout | None,
+    ) -> None:
+        """Make raw parameters used by a functional conv/linear (``F.conv2d(x, self.w, self.b)``)
+        a layer like a module's weight: in/out roles, the bias attached to the weight's layer,
+        and the layer's channel layouts. Nodes other than ``get_attr`` are ignored."""
+        solver = self._solver
+
+        def record(node: Any) -> ParamRecord | None:
+            if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+                return None
+            return next((r for r in solver.params.values() if r.path == str(node.target)), None)
+
+        w, b = record(weight), record(bias)
+        if w is None:
+            return
+        producer = kind != "depthwise"
+        if kind == "depthwise":
+            w.roles[0] = "out"
+        elif kind == "conv_transpose":
+            w.roles.update({0: "in", 1: "out"})
+        else:
+            w.roles.update({0: "out", 1: "in"})
+        w.producer = producer
+        layer = solver.layers[w.path]
+        layer.kind, layer.in_layout, layer.out_layout = kind, lin, lout
+        layer.notes["layouts"] = tuple(x for x in (lin, lout) if x is not None)
+        if b is not None:
+            b.roles[0] = "out"
+            b.producer = producer
+            if b.path in solver.layers and solver.layers[b.path].kind == "param":
+                del solver.layers[b.path]
+            layer.params["bias"] = id(b.tensor)
 
     # -- constraints ----------------------------------------------------------------------------
 
     def tie(self, a: Layout, b: Layout, why: str | None = None) -> bool:
         """Constrain two layouts to the same channels; on conflict freeze both and return False."""
         try:
-            self.slots.unify(a, b)
+            self._slots.unify(a, b)
             return True
         except Conflict as e:
             reason = why or f"incompatible channel layouts at {self.describe()}: {e}"
-            self.slots.freeze(a, reason)
-            self.slots.freeze(b, reason)
+            self._slots.freeze(a, reason)
+            self._slots.freeze(b, reason)
             return False
 
     def freeze(self, *layouts: Layout | None, reason: str) -> None:
         for layout in layouts:
             if layout is not None:
-                self.slots.freeze(layout, reason)
+                self._slots.freeze(layout, reason)
 
     def freeze_dims(self, dims: Any, reason: str) -> None:
         """Freeze every layout in a (nested) Dims value."""
-        freeze_dims(self.slots, dims, reason)
+        freeze_dims(self._slots, dims, reason)
 
     def produce(self, layout: Layout) -> None:
         """Mark the leaves of ``layout`` as chosen by this (width-choosing) layer."""
         self.is_conv = True
-        for v in self.slots.leaves(layout):
-            self.slots.produced[v] = True
+        for v in self._slots.leaves(layout):
+            self._slots.produced[v] = True
 
     def inexact(self, layout: Layout) -> None:
         """This op takes statistics across the channels of ``layout``."""
-        self.slots.mark_inexact(layout)
+        self._slots.mark_inexact(layout)
 
     def factor(self, layout: Layout, outer: int, inner: int) -> Layout | None:
         """Constrain ``layout`` to ``(outer, u, inner)`` for a new variable ``u``; returns ``u``'s
         layout, or None (and freezes ``layout``) when impossible."""
-        total = self.slots.total(layout)
+        total = self._slots.total(layout)
         if outer * inner == 0 or total % (outer * inner):
             self.freeze(layout, reason=f"{self.describe()} needs {outer}x{inner} structure")
             return None
-        u = self.slots.new(total // (outer * inner))
-        if outer == 1 and inner == 1:
-            ok = self.tie(layout, ((1, u, 1),))
-        else:
-            ok = self.tie(layout, ((outer, u, inner),))
-        return ((1, u, 1),) if ok else None
+        u = self._slots.new(total // (outer * inner))
+        ok = self.tie(layout, (Block(outer, u, inner),))
+        return (Block(1, u, 1),) if ok else None
 
     def slice(self, layout: Layout, start: int, stop: int) -> Layout:
         """Positions ``[start, stop)`` of ``layout`` (refines at the cut points)."""
         try:
-            return self.slots.slice(layout, start, stop)
+            return self._slots.slice(layout, start, stop)
         except Conflict as e:
             self.freeze(layout, reason=f"cannot slice channels at {self.describe()}: {e}")
             return self.fixed(stop - start, "slice")
@@ -274,12 +345,12 @@ class RuleContext:
         ``fn(size_of)`` gets a function returning the new total size of a layout and returns a
         dict with any of ``target``, ``args``, ``kwargs``.
         """
-        self.solver.rewrites.setdefault(self.node.name, []).append(fn)
+        self._solver.rewrites.setdefault(self.node.name, []).append(fn)
 
     def dynamic(self) -> None:
         """This node's shapes depend on values computed at run time (the analysis then probes a
         resize to confirm its predictions)."""
-        self.solver.needs_probe = True
+        self._solver.needs_probe = True
 
     def opaque(self, why: str | None = None) -> Any:
         """Freeze every channel slot this node touches; its outputs get fixed layouts."""
@@ -288,35 +359,9 @@ class RuleContext:
             self.freeze_dims(self.dims(a), reason)
         if self.module is not None:
             for _, t in self.module.named_parameters(recurse=True):
-                if id(t) in self.solver.params:
-                    self.freeze_dims(self.solver.params[id(t)].dims, reason)
+                if id(t) in self._solver.params:
+                    self.freeze_dims(self._solver.params[id(t)].dims, reason)
         return self.fixed_like(self.out, "output of an opaque op")
-
-
-def is_layout(x: Any) -> bool:
-    """A Layout is a tuple of 3-int tuples (a Dims value is a tuple of Layouts, so its first
-    item decides: an int-led triple, or a tuple)."""
-    if type(x) is not tuple:
-        return False
-    if not x:
-        return True
-    b = x[0]
-    return type(b) is tuple and len(b) == 3 and type(b[0]) is int
-
-
-def iter_layouts(dims: Any) -> list[Layout]:
-    """Every Layout in a (nested) Dims value, in order (None and non-tuple entries skipped)."""
-    if type(dims) is tuple and dims and is_layout(dims[0]):
-        return list(dims)  # a tensor's Dims (one layout per dim): by far the most common value
-    out: list[Layout] = []
-    stack = [dims]
-    while stack:
-        x = stack.pop()
-        if is_layout(x):
-            out.append(x)
-        elif type(x) is tuple or type(x) is list:
-            stack.extend(reversed(x))
-    return out
 
 
 def freeze_dims(slots: Slots, dims: Any, reason: str) -> None:
@@ -342,7 +387,7 @@ class _Solver:
         bad = [f for f in freeze if not isinstance(f, type | str)]
         if bad:
             raise TypeError(f"freeze= takes module paths or nn.Module types, got {bad!r}")
-        unknown = [p for p in self.freeze_paths if not _has(traced.root, p)]
+        unknown = [p for p in self.freeze_paths if not has_submodule(traced.root, p)]
         if unknown:
             raise KeyError(f"freeze= names unknown module paths {sorted(unknown)}")
 
@@ -415,7 +460,7 @@ class _Solver:
             return
         if node.op == "get_attr":
             if isinstance(value, torch.Tensor):
-                t = _get_attr(self.traced.root, str(node.target))
+                t = get_attr(self.traced.root, str(node.target))
                 self.dims[node.name] = self.param_dims(t, str(node.target))
                 rec = self.layers.get(str(node.target))
                 if rec is None:
@@ -432,6 +477,8 @@ class _Solver:
             out = ctx.opaque() if _has_tensor(value) or ctx.tensor_args() else None
         else:
             out = rule(ctx)
+            if rule.update is not None and ctx.path is not None and ctx.path in self.layers:
+                self.layers[ctx.path].update = rule.update
         if module is not None and self._user_frozen(str(node.target), module):
             reason = f"frozen by the user (freeze= names `{node.target}`)"
             for a in ctx.tensor_args():
@@ -449,21 +496,6 @@ class _Solver:
         if any(path.startswith(p + ".") for p in self.freeze_paths):
             return True
         return bool(self.freeze_types) and isinstance(module, self.freeze_types)
-
-
-def _has(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def _get_attr(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def _has_tensor(value: Any) -> bool:

@@ -13,13 +13,8 @@ import torch
 import torch.fx
 
 from fxconet.errors import ShapeError, VerificationError
-from fxconet.passes.trace import (
-    NodeView,
-    Traced,
-    describe_node,
-    normalize_inputs,
-    propagate_shapes,
-)
+from fxconet.passes.nodes import NodeView, Traced, describe_node, normalize_inputs
+from fxconet.passes.shape_prop import propagate_shapes
 
 __all__ = ["ShapeMismatch", "verify_channels"]
 

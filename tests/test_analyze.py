@@ -677,15 +677,14 @@ def test_register_op_for_a_leaf_module():
     x = torch.randn(1, 3, 4, 4)
     frozen = fxconet.analyze(WithSwish(), x, leaf_modules=[Swish])
     assert by_producers(frozen)[("conv",)].frozen
-    fxconet.register_op(Swish, "same")
-    try:
+    with fxconet.ops.scoped():
+        fxconet.register_op(Swish, "same")
         graph = fxconet.analyze(WithSwish(), x, leaf_modules=[Swish])
         g = by_producers(graph)[("conv",)]
         assert g.free
         gm = fxconet.resize(graph, {g.id: 4})
         assert run(gm, x).shape == (1, 2, 4, 4)
-    finally:
-        fxconet.ops._MODULES.pop(Swish)
+    assert by_producers(fxconet.analyze(WithSwish(), x, leaf_modules=[Swish]))[("conv",)].frozen
 
 
 @torch.fx.wrap
@@ -708,11 +707,9 @@ def test_register_op_for_a_function():
     graph = fxconet.analyze(WithGate(), x)
     g = by_producers(graph)[("conv",)]
     assert g.frozen and "custom_gate" in g.reason
-    fxconet.register_op(custom_gate, "same")
-    try:
+    with fxconet.ops.scoped():
+        fxconet.register_op(custom_gate, "same")
         assert by_producers(fxconet.analyze(WithGate(), x))[("conv",)].free
-    finally:
-        fxconet.ops._FUNCTIONS.pop(custom_gate)
 
 
 class ChannelScale(nn.Module):
@@ -748,16 +745,14 @@ def test_register_op_with_a_rule_for_parameters():
 
     model, x = WithScale().eval(), torch.randn(1, 3, 4, 4)
     assert by_producers(fxconet.analyze(model, x, leaf_modules=[ChannelScale]))[("conv",)].frozen
-    fxconet.register_op(ChannelScale, channel_scale, update=update)
-    try:
+    with fxconet.ops.scoped():
+        fxconet.register_op(ChannelScale, channel_scale, update=update)
         graph = fxconet.analyze(model, x, leaf_modules=[ChannelScale])
         g = by_producers(graph)[("conv",)]
         assert g.free and "scale" in g.layers
         gm = fxconet.resize(graph, {g.id: 4})
         assert gm.scale.channels == 4 and gm.scale.weight.shape == (4,)
         assert_exact_removal(model, x, leaf_modules=[ChannelScale])
-    finally:
-        fxconet.ops._MODULES.pop(ChannelScale)
 
 
 def test_register_op_rejects_bad_rules():
@@ -765,6 +760,27 @@ def test_register_op_rejects_bad_rules():
         fxconet.register_op(Swish, "sometimes")
     with pytest.raises(fxconet.UnsupportedOpError):
         fxconet.register_op(int, "same")
+
+
+def test_register_op_refuses_to_replace_a_rule_unless_asked():
+    x = torch.randn(1, 3, 4, 4)
+    with fxconet.ops.scoped():
+        # a built-in rule is not silently overwritten (Conv2d as "same" would lose its widths)
+        with pytest.raises(fxconet.UnsupportedOpError, match="already has the rule.*replace=True"):
+            fxconet.register_op(nn.Conv2d, "same")
+        assert by_producers(fxconet.analyze(WithSwish(), x))[("conv",)].free
+        fxconet.register_op(Swish, "same")
+        fxconet.register_op(Swish, "same")  # the same rule again: no-op
+        with pytest.raises(fxconet.UnsupportedOpError, match="already has the rule"):
+            fxconet.register_op(Swish, "opaque")
+        fxconet.register_op(Swish, "opaque", replace=True)
+        graph = fxconet.analyze(WithSwish(), x, leaf_modules=[Swish])
+        assert "no channel rule" in by_producers(graph)[("conv",)].reason
+        fxconet.register_op(nn.Conv2d, "opaque", replace=True)  # on purpose: frozen
+        assert all(g.frozen for g in fxconet.analyze(WithSwish(), x).groups)
+    # scoped() restored the built-in rule and dropped the user's
+    assert by_producers(fxconet.analyze(WithSwish(), x))[("conv",)].free
+    assert "Swish" not in fxconet.ops.registered_ops()["modules"]
 
 
 def test_freeze_blocks_both_sides_of_a_layer():
@@ -808,7 +824,7 @@ def test_shape_errors_name_the_node():
     + [((2, 3), (4, 3)), ((5, 2, 1), (3, 7))],
 )
 def test_shape_broadcasting_rule_matches_torch(a, b):
-    from fxconet.passes.trace import _broadcast_shape
+    from fxconet.passes.shape_rules import broadcast_shape as _broadcast_shape
 
     try:
         want = tuple(torch.broadcast_shapes(a, b))
@@ -817,99 +833,9 @@ def test_shape_broadcasting_rule_matches_torch(a, b):
     assert _broadcast_shape(a, b) == want
 
 
-def test_the_tracer_fast_node_path_builds_the_graph_fx_builds(monkeypatch):
-    import torchvision
-
-    from fxconet.passes import trace as T
-
-    model = torchvision.models.mobilenet_v3_small().eval()
-    x = torch.randn(1, 3, 64, 64)
-    fast = T.trace_model(model, example_inputs=x)
-    monkeypatch.setattr(T, "_FAST_GRAPH", False)
-    slow = T.trace_model(model, example_inputs=x)
-    assert T._fast_graph_ok()  # the installed torch takes the fast path
-    assert str(fast.graph) == str(slow.graph)
-    assert fast.graph.python_code("self").src == slow.graph.python_code("self").src
-    # the lookup table behind find_nodes is kept too
-    leaves = [n.name for n in slow.graph.nodes if n.op == "call_module"]
-    assert [n.name for n in fast.graph.find_nodes(op="call_module")] == leaves
-    for node in slow.graph.nodes:
-        if node.op in ("call_function", "call_method"):
-            found = fast.graph.find_nodes(op=node.op, target=node.target)
-            assert [n.name for n in found] == [
-                n.name for n in slow.graph.find_nodes(op=node.op, target=node.target)
-            ]
-    gm = fast.graph_module()
-    gm.graph.lint()
-    torch.testing.assert_close(gm(x), model(x))
-
-
-class _TensorAttrNet(nn.Module):
-    """A plain tensor attribute (not a buffer), a buffer, a shared submodule and tensors made in
-    forward (fx reads buffers as concrete tensors: ``shift`` is an argument, its view a
-    constant)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.scale = torch.linspace(0.5, 1.5, 8).view(1, 8, 1, 1)
-        self.register_buffer("shift", torch.linspace(-1.0, 1.0, 8).view(1, 8, 1, 1))
-        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
-        self.head = nn.ModuleDict({"a": nn.Conv2d(8, 3, 1)})
-        self.again = self.head["a"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x) * self.scale + torch.ones(8).view(1, 8, 1, 1)
-        y = self.block(torch.add(y, self.shift) + self.shift.flatten()[:, None, None])
-        return self.again(y) + self.head["a"](y)
-
-
-@pytest.mark.parametrize("case", ["tensor-attrs", "convnext", "vit"])
-def test_the_tracer_fast_trace_builds_the_graph_fx_trace_builds(monkeypatch, case):
-    """The tracer's own ``trace`` and parameter index give fx's graph (ConvNeXt reads its
-    ``layer_scale`` parameters as attributes; ViT its class token and position embedding)."""
-    import torchvision
-
-    from fxconet.passes import trace as T
-
-    model: nn.Module
-    if case == "tensor-attrs":
-        model, x = _TensorAttrNet().eval(), torch.randn(1, 3, 8, 8)
-    elif case == "convnext":
-        model, x = torchvision.models.convnext_tiny().eval(), torch.randn(1, 3, 64, 64)
-    else:
-        model = torchvision.models.vit_b_32(image_size=64).eval()
-        x = torch.randn(1, 3, 64, 64)
-    assert T._FAST_TRACE  # the installed torch takes the fast path
-    fast = T.trace_model(model, example_inputs=x)
-    monkeypatch.setattr(T, "_FAST_TRACE", False)
-
-    def fx_getattr(self, attr, attr_val, cache):  # fx's parameter search, no index
-        return (
-            attr_val if self._evaluating else torch.fx.Tracer.getattr(self, attr, attr_val, cache)
-        )
-
-    monkeypatch.setattr(T._Tracer, "getattr", fx_getattr)
-    monkeypatch.setattr(T._Tracer, "_tensor_arg", torch.fx.Tracer.create_arg)
-    slow = T.trace_model(model, example_inputs=x)
-    assert fast.graph.python_code("self").src == slow.graph.python_code("self").src
-    assert [n.meta[T.META_KEY].scope for n in fast.graph.nodes] == [
-        n.meta[T.META_KEY].scope for n in slow.graph.nodes
-    ]
-    # modules by path come from the structural copy
-    for path, mod in fast.root.named_modules():
-        assert fast.module(path) is mod
-    torch.testing.assert_close(fast.graph_module()(x), model(x))
-    if case == "tensor-attrs":
-        targets = {n.target for n in fast.graph.nodes if n.op == "get_attr"}
-        assert "scale" in targets  # found by the on-demand lookup, as fx's eager walk finds it
-        assert "shift" in targets  # a buffer as an argument: named from the index
-        assert any(str(t).startswith("_tensor_constant") for t in targets)
-        assert_exact_removal(model, x)
-
-
 def test_multihead_attention_shape_rule_matches_the_module():
-    from fxconet.passes.trace import _attention_shape, _to_meta
+    from fxconet.passes.module_copy import to_meta as _to_meta
+    from fxconet.passes.shape_rules import _attention_shape
 
     torch.manual_seed(0)
     for batch_first, kdim, need, average, batched in itertools.product(
@@ -940,7 +866,8 @@ def test_multihead_attention_shape_rule_matches_the_module():
 def test_swin_window_attention_shape_rule_matches_the_function(v2):
     from torchvision.models.swin_transformer import shifted_window_attention
 
-    from fxconet.passes.trace import _fast_function, _to_meta
+    from fxconet.passes.module_copy import to_meta as _to_meta
+    from fxconet.passes.shape_rules import fast_function as _fast_function
 
     torch.manual_seed(0)
     c, heads, window = 12, 3, [4, 4]

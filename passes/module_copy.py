@@ -1,0 +1,149 @@
+"""Copies of modules and values that the passes work on, so the user's model is never touched.
+
+* :func:`structural_copy`: the module tree copied, parameters and buffers shared (tracing).
+* :func:`meta_module`: a shallow copy whose tensors live on ``meta`` (shape propagation).
+* :func:`to_meta`: tensors in a (nested) value as ``meta`` tensors of the same shape and dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "is_namedtuple",
+    "meta_module",
+    "real_copy",
+    "shallow_copy",
+    "structural_copy",
+    "to_meta",
+]
+
+# module class -> defines its own copy/pickle protocol (weak: GraphModules make a class each)
+_CUSTOM_COPY: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def shallow_copy(m: nn.Module) -> nn.Module:
+    """``copy.copy(m)``, without the generic reduce machinery for plain modules (5x faster)."""
+    cls = type(m)
+    custom = _CUSTOM_COPY.get(cls)
+    if custom is None:
+        custom = _CUSTOM_COPY[cls] = (
+            cls.__reduce_ex__ is not object.__reduce_ex__
+            or hasattr(cls, "__copy__")
+            or getattr(cls, "__getstate__", None) is not getattr(nn.Module, "__getstate__", None)
+            or getattr(cls, "__setstate__", None) is not getattr(nn.Module, "__setstate__", None)
+        )
+    if custom:
+        return copy.copy(m)
+    new = cls.__new__(cls)
+    new.__dict__.update(m.__dict__)
+    return new
+
+
+def structural_copy(model: nn.Module, paths: dict[str, nn.Module] | None = None) -> nn.Module:
+    """Copy the module tree but share parameters, buffers and other attribute values.
+
+    Tracing must not touch the user's modules (a forward that assigns ``self.cache = x`` would
+    store a Proxy on them), and copying the weights would cost memory and time. Each module is
+    copied shallowly with its own ``__dict__`` and its own child/parameter/buffer dicts.
+    ``paths``, when given, receives every copy by its module path (``""`` for the root; the
+    children of a module reached twice only under its first path).
+
+    Example:
+        >>> copy = structural_copy(model)
+        >>> copy.conv1 is not model.conv1 and copy.conv1.weight is model.conv1.weight
+        True
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def visit(m: nn.Module, path: str) -> nn.Module:
+        hit = memo.get(id(m))
+        if hit is not None:
+            if paths is not None:
+                paths.setdefault(path, hit)
+            return hit
+        new = shallow_copy(m)
+        memo[id(m)] = new
+        if paths is not None:
+            paths[path] = new
+        d = new.__dict__
+        d["_parameters"] = dict(m._parameters)
+        d["_buffers"] = dict(m._buffers)
+        prefix = f"{path}." if path else ""
+        d["_modules"] = {
+            k: (visit(c, prefix + k) if c is not None else None) for k, c in m._modules.items()
+        }
+        return new
+
+    return visit(model, "")
+
+
+def is_namedtuple(value: Any) -> bool:
+    """True for an instance of a ``namedtuple`` / ``NamedTuple`` class."""
+    return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def to_meta(value: Any) -> Any:
+    """Tensors in a (nested) value as ``meta`` tensors (parameters stay parameters); named
+    tuples and other values are returned as they are.
+
+    Example:
+        >>> to_meta((torch.zeros(2), 3))[0].device
+        device(type='meta')
+    """
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            return value
+        out = torch.empty_like(value, device="meta")
+        if isinstance(value, nn.Parameter):
+            out = nn.Parameter(out, requires_grad=value.requires_grad)
+        return out
+    if isinstance(value, tuple | list):
+        return type(value)(to_meta(v) for v in value) if not is_namedtuple(value) else value
+    if isinstance(value, dict):
+        return {k: to_meta(v) for k, v in value.items()}
+    return value
+
+
+def meta_module(module: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
+    """A shallow copy of ``module`` (and its children) whose tensors live on ``meta`` and whose
+    hooks are dropped, so running it costs nothing and touches no user state."""
+    hit = cache.get(id(module))
+    if hit is not None:
+        return hit
+    new = shallow_copy(module)  # a new __dict__, shallow
+    d = new.__dict__
+    d["_parameters"] = {k: to_meta(p) for k, p in module._parameters.items()}
+    d["_buffers"] = {k: to_meta(b) for k, b in module._buffers.items()}
+    d["_modules"] = {
+        k: (meta_module(c, cache) if c is not None else None) for k, c in module._modules.items()
+    }
+    for hooks in _HOOK_DICTS:
+        if hooks in d:
+            d[hooks] = type(d[hooks])()
+    cache[id(module)] = new
+    return new
+
+
+def real_copy(mm: nn.Module) -> nn.Module:
+    """A CPU copy of a meta module with zero weights (fallback for ops without meta kernels)."""
+    real = copy.deepcopy(mm)
+    real.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*real.parameters(), *real.buffers()]:
+            t.zero_()
+    return real

@@ -1,0 +1,178 @@
+"""Shape propagation: every node's value on the ``meta`` device, with no real compute.
+
+Common ops take their closed-form shape rules (:mod:`fxconet.passes.shape_rules`); everything
+else runs on ``meta`` tensors (module parameters are swapped for ``meta`` copies, which cost
+nothing). Only an op without a meta kernel falls back to running on zero tensors on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from fxconet.errors import ShapeError
+from fxconet.passes.module_copy import is_namedtuple, meta_module, real_copy, to_meta
+from fxconet.passes.nodes import META_KEY, NodeInfo, NodeView, Traced, describe_node, get_attr
+from fxconet.passes.shape_rules import fast_function, fast_method, fast_module
+
+__all__ = ["bind_placeholders", "eval_node", "propagate_shapes"]
+
+
+def _materialize(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        return torch.zeros(value.shape, dtype=value.dtype)
+    if isinstance(value, tuple | list) and not is_namedtuple(value):
+        return type(value)(_materialize(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _materialize(v) for k, v in value.items()}
+    return value
+
+
+def _run_on_zeros(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    with torch.no_grad():
+        out = fn(*_materialize(args), **_materialize(kwargs))
+    return to_meta(out)
+
+
+def _load_arg(env: dict[torch.fx.Node, Any], a: Any) -> Any:
+    return torch.fx.node.map_arg(a, lambda n: env[n])
+
+
+def propagate_shapes(
+    traced: Traced,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    modules: Mapping[str, nn.Module] | None = None,
+    check: Callable[[torch.fx.Node, Any], None] | None = None,
+    overrides: Mapping[torch.fx.Node, NodeView] | None = None,
+) -> dict[torch.fx.Node, Any]:
+    """Compute every node's value on the ``meta`` device and store it in its :class:`NodeInfo`.
+
+    Args:
+        traced: the traced model.
+        args, kwargs: example inputs (real or meta tensors; only shapes and dtypes are used).
+        modules: replacement modules by path (the rewrite's verifier passes resized ones); when
+            given, node metadata is left untouched and only the values are returned.
+        check: called with each node and its value (the verifier compares shapes there).
+        overrides: nodes to evaluate as other ops or with other arguments (a rewrite's
+            changes, without copying the graph); the values are stored under the original node.
+
+    Raises:
+        ShapeError: an op failed, naming the node, op and module path.
+    """
+    kwargs = dict(kwargs or {})
+    cache: dict[int, nn.Module] = {}
+    env: dict[torch.fx.Node, Any] = {}
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    inputs = bind_placeholders(placeholders, args, kwargs)
+    record = modules is None
+    overrides = overrides or {}
+    for node in traced.graph.nodes:
+        try:
+            value = eval_node(traced, overrides.get(node, node), env, inputs, cache, modules)
+        except ShapeError:
+            raise
+        except Exception as e:
+            raise ShapeError(
+                f"{describe_node(node)} failed during shape propagation: "
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                " (do the example inputs fit the model?)"
+            ) from e
+        env[node] = value
+        if record:
+            info = node.meta.get(META_KEY)
+            scope = info.scope if isinstance(info, NodeInfo) else ""
+            node.meta[META_KEY] = NodeInfo(value, scope)
+        if check is not None:
+            check(node, value)
+    return env
+
+
+def bind_placeholders(
+    placeholders: list[torch.fx.Node], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[torch.fx.Node, Any]:
+    bound: dict[torch.fx.Node, Any] = {}
+    pos = list(args)
+    for ph in placeholders:
+        name = str(ph.target).lstrip("*")
+        if name in kwargs:
+            bound[ph] = to_meta(kwargs.pop(name))
+        elif pos:
+            bound[ph] = to_meta(pos.pop(0))
+        elif ph.args:  # default value recorded by the tracer
+            bound[ph] = to_meta(ph.args[0])
+        else:
+            raise ShapeError(
+                f"no example input for the model's argument `{name}`; pass it in example_inputs"
+            )
+    if pos or kwargs:
+        extra = len(pos) if pos else sorted(kwargs)
+        raise ShapeError(
+            f"too many example inputs ({extra} left over) for the traced forward's "
+            f"arguments {[str(p.target) for p in placeholders]}"
+        )
+    return bound
+
+
+def eval_node(
+    traced: Traced,
+    node: torch.fx.Node | NodeView,
+    env: dict[torch.fx.Node, Any],
+    inputs: dict[torch.fx.Node, Any],
+    cache: dict[int, nn.Module],
+    modules: Mapping[str, nn.Module] | None,
+) -> Any:
+    op = node.op
+    if op == "placeholder":
+        assert isinstance(node, torch.fx.Node)  # rewrites never replace placeholders
+        return inputs[node]
+    if op == "output":
+        return _load_arg(env, node.args[0])
+    if op == "get_attr":
+        target = str(node.target)
+        value = modules.get(target) if modules is not None and target in modules else None
+        if value is None:
+            value = get_attr(traced.root, target)
+        return to_meta(value)
+    args = _load_arg(env, node.args)
+    kwargs = _load_arg(env, node.kwargs)
+    if op == "call_module":
+        path = str(node.target)
+        mod = modules.get(path) if modules is not None else None
+        if mod is None:
+            mod = traced.module(path)
+        out = fast_module(mod, args, kwargs)
+        if out is not None:
+            return out
+        mm = meta_module(mod, cache)
+        try:
+            with torch.no_grad():
+                return mm(*args, **kwargs)
+        except (NotImplementedError, RuntimeError):
+            return _run_on_zeros(real_copy(mm), args, kwargs)
+    if op == "call_function":
+        out = fast_function(node.target, args, kwargs)
+        if out is not None:
+            return out
+        try:
+            with torch.no_grad():
+                return node.target(*args, **kwargs)  # type: ignore[operator]
+        except (NotImplementedError, RuntimeError):
+            return _run_on_zeros(node.target, args, kwargs)  # type: ignore[arg-type]
+    if op == "call_method":
+        name = str(node.target)
+        out = fast_method(name, args, kwargs)
+        if out is not None:
+            return out
+        self_obj, *rest = args
+        try:
+            with torch.no_grad():
+                return getattr(self_obj, name)(*rest, **kwargs)
+        except (NotImplementedError, RuntimeError):
+            return _run_on_zeros(lambda s, *a, **k: getattr(s, name)(*a, **k), args, kwargs)
+    raise ShapeError(f"{describe_node(node)}: unknown fx op {op!r}")
