@@ -164,13 +164,13 @@ def _zero(graph: ChannelGraph, gid: int, base: np.ndarray) -> None:
         for d, layout in enumerate(rec.dims):
             off = 0
             positions: list[np.ndarray] = []
-            for o, v, i in slots.expand(layout):
-                n = slots.size[v]
-                if v == leaf:
-                    a = np.arange(o)[:, None, None] * (n * i)
-                    t = np.arange(i)[None, None, :]
-                    positions.append((off + a + base[None, :, None] * i + t).reshape(-1))
-                off += o * n * i
+            for b in slots.expand(layout):
+                n = slots.size[b.var]
+                if b.var == leaf:
+                    a = np.arange(b.outer)[:, None, None] * (n * b.inner)
+                    t = np.arange(b.inner)[None, None, :]
+                    positions.append((off + a + base[None, :, None] * b.inner + t).reshape(-1))
+                off += b.outer * n * b.inner
             if positions:
                 idx = torch.from_numpy(np.concatenate(positions)).to(rec.tensor.device)
                 with torch.no_grad():

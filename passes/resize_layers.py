@@ -78,9 +78,9 @@ class ResizePlan:
         """New total size of a layout."""
         slots = self.solution.slots
         total = 0
-        for o, v, i in slots.expand(layout):
-            m = self.base.get(v)
-            total += o * (len(m) if m is not None else slots.size[v]) * i
+        for b in slots.expand(layout):
+            m = self.base.get(b.var)
+            total += b.outer * (len(m) if m is not None else slots.size[b.var]) * b.inner
         return total
 
     def positions(self, layout: Layout) -> np.ndarray:
@@ -88,18 +88,18 @@ class ResizePlan:
         slots = self.solution.slots
         out: list[np.ndarray] = []
         off = 0
-        for o, v, i in slots.expand(layout):
-            n = slots.size[v]
-            m = self.base.get(v)
+        for b in slots.expand(layout):
+            n = slots.size[b.var]
+            m = self.base.get(b.var)
             if m is None:
                 m = np.arange(n)
-            a = np.arange(o)[:, None, None] * (n * i)
+            a = np.arange(b.outer)[:, None, None] * (n * b.inner)
             c = m[None, :, None]
-            t = np.arange(i)[None, None, :]
-            pos = off + a + c * i + t
+            t = np.arange(b.inner)[None, None, :]
+            pos = off + a + c * b.inner + t
             pos = np.where(np.broadcast_to(c < 0, pos.shape), -1, pos)
             out.append(pos.reshape(-1))
-            off += o * n * i
+            off += b.outer * n * b.inner
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def layer_channels(self, path: str) -> dict[str, torch.Tensor]:
@@ -127,15 +127,16 @@ def _channel_scores(solution: Solution, leaves: set[int]) -> dict[int, np.ndarra
             if role != "out":
                 continue
             blocks = slots.expand(rec.dims[d])
-            if not any(v in scores for _, v, _ in blocks):
+            if not any(b.var in scores for b in blocks):
                 continue
             norms = _dim_norms(rec, d)
             off = 0
-            for o, v, i in blocks:
-                n = slots.size[v]
-                size = o * n * i
-                if v in scores:
-                    scores[v] += norms[off : off + size].reshape(o, n, i).sum(axis=(0, 2))
+            for b in blocks:
+                n = slots.size[b.var]
+                size = b.outer * n * b.inner
+                if b.var in scores:
+                    per = norms[off : off + size].reshape(b.outer, n, b.inner)
+                    scores[b.var] += per.sum(axis=(0, 2))
                 off += size
     return scores
 
@@ -148,7 +149,9 @@ def _sizer(graph: ChannelGraph, widths: Mapping[int, int]) -> Any:
     slots = solution.slots
 
     def size_of(layout: Layout) -> int:
-        return sum(o * sizes.get(v, slots.size[v]) * i for o, v, i in slots.expand(layout))
+        return sum(
+            b.outer * sizes.get(b.var, slots.size[b.var]) * b.inner for b in slots.expand(layout)
+        )
 
     return size_of
 

@@ -76,7 +76,7 @@ class Slots:
 
     def layout(self, size: int, *, reason: str | None = None, produced: bool = False) -> Layout:
         """A layout made of one fresh variable."""
-        return ((1, self.new(size, reason=reason, produced=produced), 1),)
+        return (Block(1, self.new(size, reason=reason, produced=produced), 1),)
 
     def find(self, v: int) -> int:
         parent = self.parent
@@ -104,7 +104,7 @@ class Slots:
         if sum(sizes) != self.size[r] or any(s <= 0 for s in sizes):
             raise Conflict(f"cannot split {self.size[r]} channels into {sizes}")
         parts = [self._inherit(r, s) for s in sizes]
-        self.sub[r] = tuple((1, p, 1) for p in parts)
+        self.sub[r] = tuple(Block(1, p, 1) for p in parts)
         self._invalidate()
         return parts
 
@@ -119,7 +119,7 @@ class Slots:
         if n % (outer * inner):
             raise Conflict(f"{n} channels are not {outer} x k x {inner}")
         child = self._inherit(r, n // (outer * inner))
-        self.sub[r] = ((outer, child, inner),)
+        self.sub[r] = (Block(outer, child, inner),)
         self._invalidate()
         return child
 
@@ -174,7 +174,7 @@ class Slots:
             r = self.find(v)
             sub = self.sub[r]
             if sub is None:
-                parts = [(1, r, 1)]
+                parts = [Block(1, r, 1)]
             else:
                 # Refinements nest (a DenseNet input is split once per concatenation): expand
                 # each refined variable once.
@@ -184,11 +184,11 @@ class Slots:
                 parts = hit
             if len(parts) == 1:
                 po, pv, pi = parts[0]
-                _push(out, (o * po, pv, pi * i))
+                _push(out, Block(o * po, pv, pi * i))
                 continue
             if o * len(parts) > _MAX_BLOCKS:
                 raise Conflict(f"layout would need {o * len(parts)} blocks")
-            scaled = [(po, pv, pi * i) for po, pv, pi in parts]
+            scaled = [Block(po, pv, pi * i) for po, pv, pi in parts]
             for _ in range(o):
                 for b in scaled:
                     _push(out, b)
@@ -207,7 +207,7 @@ class Slots:
                 return [r]
             out = self._root_leaves.get(r)
             if out is None:
-                out = self._root_leaves[r] = self._distinct(self.expand(((1, r, 1),)))
+                out = self._root_leaves[r] = self._distinct(self.expand((Block(1, r, 1),)))
             return out
         hit = self._leaves_memo.get(layout)
         if hit is None:
@@ -281,7 +281,7 @@ class Slots:
             if len(set(vars_b)) == len(vars_b) and ea[0][1] not in vars_b:
                 parts = self.split(ea[0][1], [self._bsize(y) for y in eb])
                 for p, y in zip(parts, eb, strict=True):
-                    self._unify_blocks((1, p, 1), y)
+                    self._unify_blocks(Block(1, p, 1), y)
                 return
         qa, qb = deque(ea), deque(eb)
         while qa and qb:
@@ -337,10 +337,10 @@ class Slots:
             r = self.find(v)
             if self.sub[r] is None:
                 if r != v:
-                    q[0] = (o, r, i)
+                    q[0] = Block(o, r, i)
                 return q[0]
             q.popleft()
-            q.extendleft(reversed(self.expand(((o, r, i),))))
+            q.extendleft(reversed(self.expand((Block(o, r, i),))))
 
     def _cut(self, b: Block, p: int) -> list[Block]:
         """Blocks equal to ``b`` with a boundary at position ``p`` (0 < p < size(b))."""
@@ -350,15 +350,15 @@ class Slots:
         unit = n * i
         k, rem = divmod(p, unit)
         if rem == 0:
-            return [(k, r, i), (o - k, r, i)]
+            return [Block(k, r, i), Block(o - k, r, i)]
         if k > 0:
-            rest = [(o - k - 1, r, i)] if o - k - 1 > 0 else []
-            return [(k, r, i), (1, r, i), *rest]
+            rest = [Block(o - k - 1, r, i)] if o - k - 1 > 0 else []
+            return [Block(k, r, i), Block(1, r, i), *rest]
         if rem % i:
             raise Conflict(f"cut at {p} falls inside a repeated channel (inner {i})")
         first, second = self.split(r, [rem // i, n - rem // i])
-        rest = [(o - 1, r, i)] if o > 1 else []
-        return [(1, first, i), (1, second, i), *rest]
+        rest = [Block(o - 1, r, i)] if o > 1 else []
+        return [Block(1, first, i), Block(1, second, i), *rest]
 
     def _unify_blocks(self, x: Block, y: Block) -> None:
         o1, v, i1 = x
@@ -387,6 +387,6 @@ def _push(out: list[Block], b: Block) -> None:
         return
     if out and out[-1][1] == b[1] and out[-1][2] == b[2]:
         o, v, i = out[-1]
-        out[-1] = (o + b[0], v, i)
+        out[-1] = Block(o + b[0], v, i)
     else:
         out.append(b)

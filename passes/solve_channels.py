@@ -159,11 +159,11 @@ class RuleContext:
         exactly when their terms are equal."""
         slots = self._slots
         terms: dict[int, int] = {}
-        for o, v, i in slots.expand(layout):
-            if slots.reason[v] is not None:
-                terms[-1] = terms.get(-1, 0) + o * slots.size[v] * i
+        for b in slots.expand(layout):
+            if slots.reason[b.var] is not None:
+                terms[-1] = terms.get(-1, 0) + b.outer * slots.size[b.var] * b.inner
             else:
-                terms[v] = terms.get(v, 0) + o * i
+                terms[b.var] = terms.get(b.var, 0) + b.outer * b.inner
         return terms
 
     def tensor_args(self) -> list[torch.fx.Node]:
@@ -601,11 +601,11 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
             role = prec.roles.get(d)
             if role == "out" and prec.producer:
                 # a producer's repetition structure sets the group's divisor
-                for o, v, i in slots.expand(layout):
-                    g = group_of.get(v)
+                for b in slots.expand(layout):
+                    g = group_of.get(b.var)
                     if g is not None:
                         touched[g][owner] = producers[g][owner] = None
-                        m = o * i
+                        m = b.outer * b.inner
                         unit[g] = m if unit[g] == 0 else min(unit[g], m)
                 continue
             for v in slots.leaves(layout):
