@@ -8,7 +8,7 @@ channel, widths 16/32/64, 12 free channel groups). For every seed:
   the network's MACs) searches on a subset of the training images (10% of it held out for the
   rewards); the chosen architecture is then trained from scratch;
 * uniform scaling multiplies every width by the factor whose MACs are closest to 50%
-  (bisection on :func:`~fxconet.passes.resize_layers.predict_macs`) and trains that model;
+  (bisection on :func:`~fxconet.cost.predict_macs`) and trains that model;
 * ``full`` trains the unpruned network the same way, for reference.
 
 Every final model trains the same number of epochs with the same settings on the same subset
@@ -43,9 +43,9 @@ import torch
 from torch.utils.data import Subset
 
 import fxconet
+from fxconet.cost import predict_macs
 from fxconet.data import load_dataset
 from fxconet.models import cifar_resnet20
-from fxconet.passes.resize_layers import predict_macs
 from fxconet.strategies.static import uniform_widths
 
 HERE = Path(__file__).resolve().parent

@@ -27,10 +27,11 @@ import torch
 from torch.utils.data import Subset
 
 import fxconet
+from fxconet.cost import count_macs, count_params
 from fxconet.data import load_dataset
 from fxconet.models import cifar_resnet20
 from fxconet.strategies.static import uniform_for_params
-from fxconet.train import TrainConfig, count_macs, count_params, evaluate, run_training
+from fxconet.train import TrainConfig, evaluate, run_training
 
 RESULTS = Path(__file__).parent / "results"
 

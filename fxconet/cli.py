@@ -3,13 +3,23 @@
 ``fxconet analyze MODEL`` prints a model's channel groups; ``fxconet optimize MODEL --data NAME``
 searches new widths (CONet by default) and prints a before/after table. Bad input ends with a
 one-line error and exit status 2, never a traceback.
+
+Every option of every method is a flag, derived from the method's config dataclass (its fields,
+their types and the descriptions in its docstring): ``--delta`` is
+:attr:`~fxconet.strategies.conet.ConetConfig.delta`, ``--flops-target``
+:attr:`~fxconet.strategies.aps.ApsConfig.flops_target`. A flag that several methods share
+(``--phi``) goes to the chosen ``--method``; a flag the chosen method does not take is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,8 +29,13 @@ _EPILOG = """examples:
   fxconet analyze resnet18
   fxconet optimize cifar_resnet20 --data digits --trials 5 --epochs-per-trial 3 --epochs 5
   fxconet optimize resnet18 --data fashion-mnist --method uniform --phi 0.5 --epochs 3
+  fxconet optimize cifar_resnet20 --data digits --method aps --flops-target 0.5
   fxconet optimize mypkg.nets:make_net --data imagefolder --data-dir ./images --out runs/mine
 """
+
+#: defaults of the command that differ from the API's: its models are built untrained, so
+#: static scaling first trains a baseline to measure ranks on
+_CLI_DEFAULTS: dict[str, dict[str, Any]] = {"static": {"baseline_epochs": 5}}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,32 +57,157 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _delta(text: str) -> float:
+# ---------------------------------------------------------------------------------------------
+# flags from the methods' config dataclasses
+
+
+def _alternatives(hint: Any) -> list[Any]:
+    """The members of a union type hint (a plain type is a union of one)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return list(typing.get_args(hint))
+    return [hint]
+
+
+def _number(text: str) -> int | float:
+    return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+
+
+def _parse(text: str, hint: Any) -> Any:
+    """A flag's text as a value of the field's type hint: ``none``, booleans, ints, floats,
+    strings, comma-separated sequences (``4,8,16``) and mappings (``0:32,1:64``)."""
+    t = text.strip()
+    options = _alternatives(hint)
+    origins = {typing.get_origin(o) or o for o in options}
+    if type(None) in options and t.lower() in ("none", "null"):
+        return None
+    if bool in options:
+        if t.lower() in ("true", "yes", "1", "on"):
+            return True
+        if t.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if (Mapping in origins or dict in origins) and ":" in t:
+        pairs = [part.split(":", 1) for part in t.split(",") if part]
+        return {int(k): _parse(v.replace("/", ","), Any) for k, v in pairs}
+    if (tuple in origins or list in origins or Any in options) and "," in t:
+        return tuple(_number(part) for part in t.split(",") if part)
+    if int in options and re.fullmatch(r"[+-]?\d+", t):
+        return int(t)
+    if float in options or Any in options:
+        try:
+            return float(t) if float in options and int not in options else _number(t)
+        except ValueError:
+            if str not in options and Any not in options:
+                raise
+    if str in options or Any in options:
+        return t
+    raise ValueError(f"cannot read {text!r} as {hint}")
+
+
+@dataclasses.dataclass
+class _Flag:
+    """One derived flag: the option it sets, the methods taking it, and how to read it."""
+
+    option: str
+    methods: dict[str, Any]  # method -> type hint of its field
+    help: dict[str, str]  # method -> description
+
+    def reader(self, method: str) -> Callable[[str], Any]:
+        hint = self.methods[method]
+        return lambda text: _parse(text, hint)
+
+
+def _method_flags() -> dict[str, _Flag]:
+    """Every option of every method as a flag (``--delta`` ...), by option name."""
+    from fxconet.strategies import METHODS, option_docs
+
+    flags: dict[str, _Flag] = {}
+    for name, method in METHODS.items():
+        cls = method.config_type
+        hints = typing.get_type_hints(cls)
+        docs = option_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "seed":
+                continue
+            flag = flags.setdefault(f.name, _Flag(f.name, {}, {}))
+            flag.methods[name] = hints[f.name]
+            default = _CLI_DEFAULTS.get(name, {}).get(f.name, f.default)
+            flag.help[name] = f"{docs.get(f.name, '')} (default {default!r})"
+    return flags
+
+
+def _add_method_flags(parser: argparse.ArgumentParser, flags: Mapping[str, _Flag]) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag in flags.values():
+        methods = list(flag.methods)
+        title = " and ".join(methods)
+        group = groups.get(title)
+        if group is None:
+            group = groups[title] = parser.add_argument_group(f"options of --method {title}")
+        text = " ".join(
+            f"[{m}] {flag.help[m]}" if len(methods) > 1 else flag.help[m] for m in methods
+        )
+        group.add_argument(
+            "--" + flag.option.replace("_", "-"),
+            dest=f"method__{flag.option}",
+            metavar="X",
+            default=None,
+            help=text.replace("``", "").replace("%", "%%"),
+        )
+
+
+def _method_options(
+    args: argparse.Namespace, flags: Mapping[str, _Flag], parser: argparse.ArgumentParser
+) -> dict[str, Any]:
+    """The chosen method's options from the flags given (read with the field's type)."""
+    options = dict(_CLI_DEFAULTS.get(args.method, {}))
+    for name, flag in flags.items():
+        text = getattr(args, f"method__{name}", None)
+        if text is None:
+            continue
+        dashed = "--" + name.replace("_", "-")
+        if args.method not in flag.methods:
+            parser.error(
+                f"{dashed} is an option of --method {', '.join(flag.methods)}, not {args.method}"
+            )
+        try:
+            options[name] = flag.reader(args.method)(text)
+        except ValueError as e:
+            parser.error(f"{dashed}: {e}")
+    return options
+
+
+def _check_config(
+    method: str, options: Mapping[str, Any], seed: int, parser: argparse.ArgumentParser
+) -> None:
+    """Build the method's config now, so a bad value fails before any model is built."""
+    from fxconet.strategies import get_method
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return value
+        get_method(method).make_config(options, seed=seed)
+    except (TypeError, ValueError) as e:
+        message = str(e).strip().splitlines()[0]
+        field = re.match(r"\w+Config\.(\w+)=", message)
+        where = f"--{field.group(1).replace('_', '-')}: " if field else ""
+        parser.error(where + message)
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
+# ---------------------------------------------------------------------------------------------
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(
+    flags: Mapping[str, _Flag],
+) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command's parser and its ``optimize`` subparser."""
+    from fxconet import __version__
+    from fxconet.strategies import METHODS
+
     parser = _Parser(
         prog="fxconet",
-        description="Find and optimise the channel widths of a CNN (torch.fx, CONet).",
+        description="Find and optimise the channel widths of a CNN (torch.fx, CONet, APS).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from fxconet import __version__
-
     parser.add_argument("--version", action="version", version=f"fxconet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -96,17 +236,9 @@ def _build_parser() -> argparse.ArgumentParser:
     model_and_data(opt, data_required=True)
     opt.add_argument(
         "--method",
-        choices=("conet", "static", "uniform", "aps"),
+        choices=tuple(METHODS),
         default="conet",
-        help="conet (Alg. 2), static (Eq. 4 after a baseline training), uniform (x phi) or "
-        "aps (affine parameter sharing search)",
-    )
-    opt.add_argument(
-        "--delta", type=_delta, default=0.0075, help="CONet rank-slope threshold (0.0075)"
-    )
-    opt.add_argument("--trials", type=_positive_int, default=10, help="CONet trials (10)")
-    opt.add_argument(
-        "--epochs-per-trial", type=_positive_int, default=5, help="epochs per CONet trial (5)"
+        help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + " (conet)",
     )
     opt.add_argument(
         "--epochs",
@@ -114,27 +246,6 @@ def _build_parser() -> argparse.ArgumentParser:
         default=5,
         help="epochs to train the final model from scratch (5; 0 skips it)",
     )
-    opt.add_argument(
-        "--initial-width", type=_positive_int, help="start every free group at this width"
-    )
-    opt.add_argument(
-        "--scale", type=_fraction, default=0.5, help="static scaling factor S of Eq. 4 (0.5)"
-    )
-    opt.add_argument("--phi", type=float, default=0.5, help="uniform scaling factor (0.5)")
-    opt.add_argument(
-        "--flops-target",
-        type=_fraction,
-        default=0.5,
-        help="APS: target MACs as a fraction of the model's (0.5)",
-    )
-    opt.add_argument(
-        "--sharing",
-        choices=("ordinal", "independent", "transitionary"),
-        default="transitionary",
-        help="APS parameter sharing (transitionary)",
-    )
-    opt.add_argument("--warmup-epochs", type=_non_negative_int, help="APS supernet warm-up epochs")
-    opt.add_argument("--search-epochs", type=_positive_int, help="APS search epochs")
     opt.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (0.1)")
     opt.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (128)")
     opt.add_argument("--max-batches", type=_positive_int, help="cap batches per epoch (demos)")
@@ -145,19 +256,20 @@ def _build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--resume", action="store_true", help="continue a killed search in --out")
     opt.add_argument("--seed", type=int, default=0, help="random seed (0)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
+    _add_method_flags(opt, flags)
+    return parser, opt
 
 
-def _shape_for(args: argparse.Namespace) -> tuple[int, int, int, tuple[int, int]]:
-    """(classes, channels, _, (H, W)) for the model from the dataset or the flags."""
+def _shape_for(args: argparse.Namespace) -> tuple[int, int, tuple[int, int]]:
+    """(classes, channels, (H, W)) for the model from the dataset or the flags."""
     from fxconet.data import dataset_info
 
     if args.data:
         info = dataset_info(args.data, root=args.data_dir)
-        return info.num_classes, info.in_channels, 0, info.image_size
+        return info.num_classes, info.in_channels, info.image_size
     side = getattr(args, "input_size", None) or (32 if args.model.startswith("cifar_") else 224)
     classes = getattr(args, "classes", None) or (10 if args.model.startswith("cifar_") else 1000)
-    return classes, 3, 0, (side, side)
+    return classes, 3, (side, side)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -166,7 +278,7 @@ def _analyze(args: argparse.Namespace) -> int:
     import fxconet
     from fxconet.models import build_model
 
-    classes, channels, _, size = _shape_for(args)
+    classes, channels, size = _shape_for(args)
     if getattr(args, "input_size", None):
         size = (args.input_size, args.input_size)
     if getattr(args, "classes", None):
@@ -177,11 +289,13 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optimize(args: argparse.Namespace) -> int:
+def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> int:
+    from tqdm.auto import tqdm
+
     import fxconet
     from fxconet.models import build_model
 
-    classes, channels, _, size = _shape_for(args)
+    classes, channels, size = _shape_for(args)
     model = build_model(args.model, num_classes=classes, in_channels=channels, image_size=size)
     out = args.out or Path("runs") / f"{args.model.replace(':', '_')}-{args.data}-{args.method}"
     options: dict[str, Any] = {
@@ -195,22 +309,9 @@ def _optimize(args: argparse.Namespace) -> int:
         "device": args.device,
         "max_batches_per_epoch": args.max_batches,
         "data_dir": args.data_dir,
-        "log": lambda line: print(line, flush=True),
+        "log": tqdm.write,  # above the progress bars
+        **method_options,
     }
-    if args.method == "conet":
-        options.update(delta=args.delta, trials=args.trials, epochs_per_trial=args.epochs_per_trial)
-        if args.initial_width:
-            options["initial_width"] = args.initial_width
-    elif args.method == "static":
-        options.update(scale=args.scale, baseline_epochs=args.epochs_per_trial)
-    elif args.method == "aps":
-        options.update(flops_target=args.flops_target, sharing=args.sharing)
-        if args.warmup_epochs is not None:
-            options["warmup_epochs"] = args.warmup_epochs
-        if args.search_epochs is not None:
-            options["search_epochs"] = args.search_epochs
-    else:
-        options.update(phi=args.phi)
     print(f"fxconet: {args.method} on {args.model} with {args.data}; output in {out}", flush=True)
     result = fxconet.optimize_channels(model, data=args.data, method=args.method, **options)
     print()
@@ -221,14 +322,19 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fxconet`` command; returns the exit status."""
-    parser = _build_parser()
+    flags = _method_flags()
+    parser, optimize = _build_parser(flags)
     args = parser.parse_args(argv)
     from fxconet.errors import FxconetError
 
+    method_options: dict[str, Any] = {}
+    if args.command == "optimize":
+        method_options = _method_options(args, flags, optimize)
+        _check_config(args.method, method_options, args.seed, optimize)
     try:
         if args.command == "analyze":
             return _analyze(args)
-        return _optimize(args)
+        return _optimize(args, method_options)
     except (FxconetError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"fxconet: error: {message}", file=sys.stderr)

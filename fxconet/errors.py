@@ -10,9 +10,11 @@ from __future__ import annotations
 __all__ = [
     "ChannelError",
     "DataError",
+    "ExportError",
     "FxconetError",
     "MetricsError",
     "ModelError",
+    "SearchError",
     "ShapeError",
     "TraceError",
     "UnsupportedOpError",
@@ -62,3 +64,11 @@ class MetricsError(FxconetError, ValueError):
 
 class ModelError(FxconetError, ValueError):
     """A model name or ``module:callable`` spec cannot be built; the message lists close matches."""
+
+
+class SearchError(FxconetError, RuntimeError):
+    """A search cannot start or resume (bad checkpoint folder, mismatched model)."""
+
+
+class ExportError(FxconetError, RuntimeError):
+    """A model cannot be written in the requested form (the message says which part)."""

@@ -31,7 +31,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxconet.errors import FxconetError
+from fxconet.errors import ExportError
 from fxconet.passes import fx_compat
 from fxconet.passes.nodes import normalize_inputs
 
@@ -45,10 +45,6 @@ __all__ = [
     "save_code",
     "to_code",
 ]
-
-
-class ExportError(FxconetError, RuntimeError):
-    """A model cannot be written in the requested form (the message says which part)."""
 
 
 def save(gm: nn.Module, path: str | os.PathLike[str]) -> Path:

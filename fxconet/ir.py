@@ -11,11 +11,23 @@ Records name layers by module path and nodes by ``node.name``; nothing here hold
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, overload
 
-__all__ = ["ChannelGraph", "ChannelGroup", "Deferred", "EdgeInfo", "LayerInfo", "TensorInfo"]
+from fxconet.errors import ChannelError
+
+__all__ = [
+    "ChannelGraph",
+    "ChannelGroup",
+    "Deferred",
+    "EdgeInfo",
+    "LayerInfo",
+    "TensorInfo",
+    "check_widths",
+    "round_width",
+]
 
 
 def _require(cond: bool, record: str, name: str, value: Any, why: str) -> None:
@@ -317,8 +329,6 @@ def check_widths(graph: ChannelGraph, widths: Mapping[int, int]) -> dict[int, in
     Raises:
         ChannelError: unknown id, frozen group, width < 1 or not a multiple of the divisor.
     """
-    from fxconet.errors import ChannelError
-
     full = graph.widths()
     for gid, width in widths.items():
         if not isinstance(gid, int) or isinstance(gid, bool) or not 0 <= gid < len(graph.groups):
@@ -351,3 +361,19 @@ def check_widths(graph: ChannelGraph, widths: Mapping[int, int]) -> dict[int, in
             )
         full[gid] = width
     return full
+
+
+def round_width(x: float, step: int, *, low: int = 1, high: int | None = None) -> int:
+    """Nearest multiple of ``step`` to ``x`` (half to even), clamped to ``[low, high]`` and at
+    least ``step``: a valid width for a group whose divisor divides ``step``.
+
+    Example:
+        >>> round_width(37.0, 8), round_width(3.0, 8), round_width(300.0, 8, high=256)
+        (40, 8, 256)
+    """
+    w = int(round(x / step)) * step
+    lo = max(step, int(math.ceil(low / step)) * step)
+    w = max(w, lo)
+    if high is not None:
+        w = min(w, max(lo, (high // step) * step))
+    return w

@@ -26,6 +26,7 @@ from torch import nn
 from fxconet.api import analyze, resize
 from fxconet.ir import ChannelGraph
 from fxconet.passes.nodes import normalize_inputs
+from fxconet.passes.view import SolutionView, TensorLayout
 
 __all__ = [
     "CheckResult",
@@ -153,28 +154,30 @@ def check_random_resize(
     return CheckResult("random", ok and finite, note=f"{len(graph.free)} groups resized")
 
 
-def _zero(graph: ChannelGraph, gid: int, base: np.ndarray) -> None:
+def _zero(
+    model: nn.Module, layouts: Mapping[str, TensorLayout], gid: int, base: np.ndarray
+) -> None:
     """Zero base channels ``base`` of group ``gid`` in every parameter dim that carries them."""
-    solution = graph.state
-    slots = solution.slots
-    leaf = solution.leaf_of[gid]
-    for rec in solution.params.values():
-        if not isinstance(rec.tensor, nn.Parameter):
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, layout in layouts.items():
+        tensor = params.get(name)
+        if tensor is None:
             continue  # buffers (running statistics) may keep their values
-        for d, layout in enumerate(rec.dims):
-            off = 0
-            positions: list[np.ndarray] = []
-            for b in slots.expand(layout):
-                n = slots.size[b.var]
-                if b.var == leaf:
-                    a = np.arange(b.outer)[:, None, None] * (n * b.inner)
-                    t = np.arange(b.inner)[None, None, :]
-                    positions.append((off + a + base[None, :, None] * b.inner + t).reshape(-1))
-                off += b.outer * n * b.inner
+        for d, blocks in enumerate(layout.dims):
+            positions = [
+                (
+                    b.offset
+                    + np.arange(b.outer)[:, None, None] * (b.n * b.inner)
+                    + base[None, :, None] * b.inner
+                    + np.arange(b.inner)[None, None, :]
+                ).reshape(-1)
+                for b in blocks
+                if b.group == gid
+            ]
             if positions:
-                idx = torch.from_numpy(np.concatenate(positions)).to(rec.tensor.device)
+                idx = torch.from_numpy(np.concatenate(positions)).to(tensor.device)
                 with torch.no_grad():
-                    rec.tensor.index_fill_(d, idx, 0.0)
+                    tensor.index_fill_(d, idx, 0.0)
 
 
 def check_zero_removal(
@@ -197,11 +200,9 @@ def check_zero_removal(
     work = (model if inplace else copy.deepcopy(model)).double().eval()
     example_inputs = _double(example_inputs)
     graph = analyze(work, example_inputs, **analyze_kwargs)
-    solution = graph.state
+    layouts = SolutionView(graph).tensors()
     rng = np.random.default_rng(seed)
-    eligible = [
-        g for g in graph.free if g.exact and solution.slots.size[solution.leaf_of[g.id]] >= 2
-    ]
+    eligible = [g for g in graph.free if g.exact and g.size // g.divisor >= 2]
     if max_groups is not None and len(eligible) > max_groups:
         pick = rng.choice(len(eligible), size=max_groups, replace=False)
         eligible = [eligible[i] for i in sorted(pick)]
@@ -209,11 +210,11 @@ def check_zero_removal(
         return CheckResult("zero-removal", True, note="no exact free group")
     widths = {}
     for g in eligible:
-        n = solution.slots.size[solution.leaf_of[g.id]]
+        n = g.size // g.divisor  # slots of the group (each ``divisor`` channels wide)
         k = int(rng.integers(1, n // 2 + 1))
         base = np.sort(rng.choice(n, size=k, replace=False))
-        _zero(graph, g.id, base)
-        widths[g.id] = (n - k) * solution.unit[g.id]
+        _zero(work, layouts, g.id, base)
+        widths[g.id] = (n - k) * g.divisor
     _calibrate_norms(work, example_inputs)
     ref = _run(work, example_inputs)
     gm = resize(graph, widths)

@@ -6,8 +6,8 @@ schedule) or calls the user's ``train_fn`` (see :data:`TrainFn`). Either way ``o
 model)`` runs after each epoch's last optimiser step, which is where CONet measures the weights'
 ranks (reference ``train_help.py``: after the last step, before the test pass).
 
-Also here: :func:`evaluate`, :func:`count_params`, :func:`count_macs`, :func:`select_device` and
-:func:`seed_everything`.
+Also here: :func:`evaluate`, :func:`select_device` and :func:`seed_everything` (parameters and
+MACs are counted in :mod:`fxconet.cost`).
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from fxconet.data import as_loader
@@ -38,8 +37,6 @@ __all__ = [
     "TrainConfig",
     "TrainFn",
     "TrainHistory",
-    "count_macs",
-    "count_params",
     "evaluate",
     "run_training",
     "seed_everything",
@@ -517,49 +514,3 @@ def run_training(
         raise DataError("run_training needs data= for the built-in loop, or a train_fn=")
     config = replace(config or TrainConfig(), epochs=epochs)
     return train(model, data, config, on_epoch_end=on_epoch_end, progress=progress)
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameter elements (shared parameters counted once; buffers excluded).
-
-    Example:
-        >>> count_params(nn.Conv2d(3, 8, 3))
-        224
-    """
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> int:
-    """Multiply-accumulates of one forward pass on ``example_inputs``, whole batch included.
-
-    Counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which reports 2 FLOPs per
-    MAC for convolutions (transposed too), linear layers and matrix products (``mm``,
-    ``addmm``, ``bmm``, ``baddbmm``, attention); the result is its total divided by 2.
-    Element-wise work (bias adds, BatchNorm, activations, residual adds, pooling) is not counted,
-    matching how papers report MACs. Runs in eval mode under ``no_grad``; the mode is restored.
-    Works on any module, ``torch.fx.GraphModule`` included.
-
-    Args:
-        model: the network.
-        example_inputs: one tensor or a sequence of positional inputs; moved to the model's
-            device. Use batch size 1 for per-image MACs.
-
-    Returns:
-        The MAC count.
-
-    Example:
-        >>> count_macs(nn.Conv2d(3, 8, 3, padding=1), torch.randn(1, 3, 8, 8))  # 8*8*8 * 3*3*3
-        13824
-    """
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    device = _model_device(model)
-    inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs)
-    was_training = model.training
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    try:
-        with torch.no_grad(), counter:
-            model(*inputs)
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() // 2

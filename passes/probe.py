@@ -15,7 +15,7 @@ import torch.fx
 from fxconet.ir import ChannelGraph
 from fxconet.passes.nodes import META_KEY
 from fxconet.passes.resize_layers import expected_shapes, plan_resize, probe_resized
-from fxconet.passes.solve_channels import Solution, build_graph, freeze_dims
+from fxconet.passes.solve_channels import Solution, build_graph, freeze_dims, solution_of
 from fxconet.passes.verify import ShapeMismatch, verify_channels
 
 __all__ = ["probe_channels", "probe_widths"]
@@ -45,7 +45,7 @@ def probe_channels(graph: ChannelGraph, *, rounds: int = 6) -> ChannelGraph:
     Example:
         >>> graph = probe_channels(graph)   # analyze() does this when shapes are dynamic
     """
-    solution: Solution = graph.state
+    solution = solution_of(graph)
     for attempt in range(rounds + 1):
         if not graph.free:
             return graph

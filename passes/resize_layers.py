@@ -30,23 +30,22 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxconet.errors import ChannelError
 from fxconet.ir import ChannelGraph, check_widths
 from fxconet.ops import registry as op_registry
 from fxconet.ops.layout import Layout, is_layout
 from fxconet.passes import fx_compat
 from fxconet.passes.module_copy import structural_copy
 from fxconet.passes.nodes import META_KEY, NodeView, get_attr
-from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution
+from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution, solution_of
 from fxconet.passes.verify import verify_channels
 
 __all__ = [
     "ResizePlan",
     "build_resized",
-    "probe_resized",
+    "emit",
+    "expected_shapes",
     "plan_resize",
-    "predict_macs",
-    "predict_params",
+    "probe_resized",
     "resize_layers",
 ]
 
@@ -141,87 +140,6 @@ def _channel_scores(solution: Solution, leaves: set[int]) -> dict[int, np.ndarra
     return scores
 
 
-def _sizer(graph: ChannelGraph, widths: Mapping[int, int]) -> Any:
-    """A function giving the new total size of a layout for ``widths`` (validated)."""
-    solution: Solution = graph.state
-    full = check_widths(graph, widths)
-    sizes = {solution.leaf_of[g]: w // solution.unit[g] for g, w in full.items()}
-    slots = solution.slots
-
-    def size_of(layout: Layout) -> int:
-        return sum(
-            b.outer * sizes.get(b.var, slots.size[b.var]) * b.inner for b in slots.expand(layout)
-        )
-
-    return size_of
-
-
-def predict_params(graph: ChannelGraph, widths: Mapping[int, int]) -> int:
-    """Parameters of the model after resizing to ``widths``, computed from the IR alone.
-
-    Example:
-        >>> predict_params(graph, {})   # the model's own parameter count
-    """
-    solution: Solution = graph.state
-    size_of = _sizer(graph, widths)
-    tracked = {tid for tid, rec in solution.params.items() if isinstance(rec.tensor, nn.Parameter)}
-    total = sum(p.numel() for p in solution.traced.root.parameters() if id(p) not in tracked)
-    for tid in tracked:
-        rec = solution.params[tid]
-        total += math.prod(size_of(layout) for layout in rec.dims)
-    return total
-
-
-_MAC_KINDS = ("conv", "linear", "conv_transpose", "depthwise")
-
-
-def predict_macs(graph: ChannelGraph, widths: Mapping[int, int]) -> int:
-    """Multiply-accumulates of one example (batch entry) after resizing to ``widths``,
-    computed from the IR alone (no model is built): for every call of a conv, transposed conv,
-    depthwise conv or linear layer, its weight's size times the number of positions it is
-    applied at. Counts what :func:`fxconet.train.count_macs` counts for these layers.
-
-    Example:
-        >>> predict_macs(graph, {})   # the model's own MACs per image
-    """
-    solution: Solution = graph.state
-    size_of = _sizer(graph, widths)
-    layers = {path: rec for path, rec in solution.layers.items() if rec.kind in _MAC_KINDS}
-    total = 0
-    for node in solution.traced.graph.nodes:
-        path = _layer_path(node)
-        rec = layers.get(path) if path is not None else None
-        if rec is None:
-            continue
-        weight_id = rec.params.get("weight", rec.params.get(""))
-        wrec = solution.params.get(weight_id) if weight_id is not None else None
-        if wrec is None:
-            continue
-        x = node.args[0].meta[META_KEY].value if isinstance(node.args[0], torch.fx.Node) else None
-        out = node.meta[META_KEY].value
-        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor):
-            continue
-        batch = x.shape[0] if x.dim() > 1 else 1
-        if rec.kind == "linear":
-            positions = x.numel() // (x.shape[-1] * batch)
-        elif rec.kind == "conv_transpose":
-            positions = math.prod(x.shape[2:]) if x.dim() > 2 else 1
-        else:
-            positions = math.prod(out.shape[2:]) if out.dim() > 2 else 1
-        total += positions * math.prod(size_of(layout) for layout in wrec.dims)
-    return total
-
-
-def _layer_path(node: torch.fx.Node) -> str | None:
-    if node.op == "call_module":
-        return str(node.target)
-    if node.op == "call_function" and len(node.args) > 1:
-        w = node.args[1]
-        if isinstance(w, torch.fx.Node) and w.op == "get_attr":
-            return str(w.target)
-    return None
-
-
 def _dim_norms(rec: ParamRecord, d: int) -> np.ndarray:
     t = rec.tensor.detach()
     if t.device.type == "meta":
@@ -245,7 +163,7 @@ def plan_resize(
         >>> plan = plan_resize(graph, {1: 32})
         >>> plan.kept(1)   # the 32 channels of group 1 with the largest producer weight norms
     """
-    solution: Solution = graph.state
+    solution = solution_of(graph)
     full = check_widths(graph, widths)
     base: dict[int, np.ndarray] = {}
     index: dict[int, torch.Tensor] = {}
@@ -596,23 +514,22 @@ def expected_shapes(plan: ResizePlan) -> dict[str, Any]:
     return {name: shape(d) for name, d in plan.solution.dims.items()}
 
 
-def resize_layers(
-    graph: ChannelGraph, widths: Mapping[int, int], *, init: str = "inherit"
-) -> tuple[torch.fx.GraphModule, ResizePlan]:
-    """Resize every layer the changed groups touch and re-emit a verified GraphModule.
+def emit(plan: ResizePlan, *, init: str = "inherit", meta: bool = False) -> torch.fx.GraphModule:
+    """Build the GraphModule of ``plan`` and end as every rewrite ends: dead code eliminated,
+    ``lint()``, unused submodules deleted, recompiled, and verified on ``meta`` tensors against
+    the channel analysis' predicted shapes.
 
-    The result shares no tensor with the input model. Kept channel indices are in the returned
-    :class:`ResizePlan` (also stored as ``gm.meta["fxconet"]``).
+    Args:
+        plan: the widths and kept channels (:func:`plan_resize`).
+        init: ``"inherit"`` or ``"reset"`` (see the module docstring).
+        meta: build ``meta`` tensors only (a weight-less skeleton, as APS runs with
+            ``torch.func.functional_call``).
 
     Raises:
-        ChannelError: invalid widths.
         VerificationError: the rewritten graph does not compute the predicted shapes.
     """
-    solution: Solution = graph.state
-    if solution is None:
-        raise ChannelError("this ChannelGraph has no solver state (was it built by analyze()?)")
-    plan = plan_resize(graph, widths)
-    new_graph, owners = build_resized(plan, init=init)
+    solution = plan.solution
+    new_graph, owners = build_resized(plan, init=init, meta=meta)
     gm = torch.fx.GraphModule(owners, new_graph, solution.traced.name)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -625,4 +542,21 @@ def resize_layers(
     )
     gm.meta["fxconet"] = plan
     gm.training = solution.traced.root.training  # submodules keep their own flags
-    return gm, plan
+    return gm
+
+
+def resize_layers(
+    graph: ChannelGraph, widths: Mapping[int, int], *, init: str = "inherit"
+) -> tuple[torch.fx.GraphModule, ResizePlan]:
+    """Resize every layer the changed groups touch and re-emit a verified GraphModule.
+
+    The result shares no tensor with the input model. Kept channel indices are in the returned
+    :class:`ResizePlan` (also stored as ``gm.meta["fxconet"]``).
+
+    Raises:
+        ChannelError: invalid widths, or a graph without solver state.
+        VerificationError: the rewritten graph does not compute the predicted shapes.
+    """
+    solution_of(graph)  # a clear error for a graph not built by analyze()
+    plan = plan_resize(graph, widths)
+    return emit(plan, init=init), plan

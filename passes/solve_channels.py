@@ -18,6 +18,7 @@ import torch.fx
 from torch import nn
 
 from fxconet import ops as _ops
+from fxconet.errors import ChannelError
 from fxconet.ir import ChannelGraph, ChannelGroup, Deferred, EdgeInfo, LayerInfo, TensorInfo
 from fxconet.ops.layout import Block, Dims, Layout, is_layout, iter_layouts
 from fxconet.passes.nodes import META_KEY, NodeInfo, Traced, describe_node, get_attr, has_submodule
@@ -32,6 +33,7 @@ __all__ = [
     "freeze_dims",
     "is_layout",
     "iter_layouts",
+    "solution_of",
     "solve_channels",
 ]
 
@@ -518,6 +520,21 @@ def _fixed_value(slots: Slots, value: Any, what: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def solution_of(graph: ChannelGraph) -> Solution:
+    """The solver state behind a :class:`~fxconet.ir.ChannelGraph` from ``analyze``.
+
+    Raises:
+        ChannelError: the graph was not built by :func:`fxconet.analyze` (no solver state).
+    """
+    state = graph.state
+    if not isinstance(state, Solution):
+        raise ChannelError(
+            f"this ChannelGraph ({graph.model_name}) has no solver state; build it with "
+            "fxconet.analyze(model, example_inputs)"
+        )
+    return state
 
 
 def solve_channels(

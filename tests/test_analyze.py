@@ -1032,8 +1032,7 @@ def test_label_edges_matches_the_dag():
 
 
 def test_predicted_params_and_macs_match_the_resized_model():
-    from fxconet.passes.resize_layers import predict_macs, predict_params
-    from fxconet.train import count_macs
+    from fxconet.cost import count_macs, predict_macs, predict_params
 
     cases = [
         (Concat(), torch.randn(1, 3, 6, 6)),

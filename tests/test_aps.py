@@ -12,7 +12,8 @@ from torch import nn
 
 import fxconet
 from fxconet.cli import main
-from fxconet.passes.resize_layers import predict_macs
+from fxconet.cost import count_macs, predict_macs
+from fxconet.errors import SearchError
 from fxconet.strategies.aps import (
     ApsConfig,
     Controller,
@@ -27,8 +28,6 @@ from fxconet.strategies.aps import (
     project_columns,
     sharing_level,
 )
-from fxconet.strategies.conet import SearchError
-from fxconet.train import count_macs
 
 X = torch.randn(1, 1, 8, 8)
 

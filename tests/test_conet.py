@@ -11,7 +11,8 @@ from torch import nn
 
 import fxconet
 from fxconet.cli import main
-from fxconet.strategies.conet import ConetConfig, GroupState, SearchError, decide
+from fxconet.errors import SearchError
+from fxconet.strategies.conet import ConetConfig, GroupState, decide
 from fxconet.strategies.static import static_widths, uniform_for_params, uniform_widths
 from fxconet.train import TrainConfig
 

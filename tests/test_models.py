@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from fxconet.cost import count_params
 from fxconet.errors import ModelError
 from fxconet.models import (
     BasicBlock,
@@ -18,7 +19,6 @@ from fxconet.models import (
     cifar_resnet34,
     cifar_resnet56,
 )
-from fxconet.train import count_params
 
 
 def _expected_params(blocks, widths, in_channels, num_classes):

@@ -11,14 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fxconet.cost import count_macs, count_params
 from fxconet.data import load_dataset, make_loader
 from fxconet.errors import DataError
 from fxconet.train import (
     EvalResult,
     TrainConfig,
     TrainHistory,
-    count_macs,
-    count_params,
     evaluate,
     run_training,
     seed_everything,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxconet.ops.layout import Layout, first_tensor, is_tensor, norm_dim
-from fxconet.ops.registry import builtin
+from fxconet.ops.registry import SHORTHANDS, builtin
 
 if TYPE_CHECKING:
     from fxconet.passes.solve_channels import RuleContext
@@ -203,3 +203,6 @@ def _non_tensor(ctx: RuleContext) -> Any:
 def _no_channels(ctx: RuleContext) -> Any:
     """Ops on Python values or metadata (``torch._assert``, ``x.dim()``, ``len``)."""
     return None
+
+
+SHORTHANDS.update(same=same_checked, elementwise=elementwise, opaque=opaque)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from fxconet.passes.solve_channels import RuleContext
 
 __all__ = [
+    "SHORTHANDS",
     "OpRule",
     "SizeOf",
     "Update",
@@ -64,6 +65,8 @@ _METHODS: dict[str, OpRule] = {}
 # fxconet's own update functions: they only assign module attributes, so the rewrite may run
 # them on a shallow copy (a user's update might change an attribute's value in place)
 _ASSIGNS_ONLY: set[Callable[..., Any]] = set()
+#: the rules behind ``register_op``'s string shorthands (filled by the rule families)
+SHORTHANDS: dict[str, Rule] = {}
 
 
 def lookup(node: torch.fx.Node, module: nn.Module | None) -> OpRule | None:
@@ -171,16 +174,13 @@ def register_op(
         >>> fxconet.register_op(MySwish, "same")
         >>> graph = fxconet.analyze(model, x, leaf_modules=[MySwish])
     """
-    from fxconet.ops import elementwise as _e  # the shorthands' rules
-
     if isinstance(rule, str):
-        shorthand = {"same": _e.same_checked, "elementwise": _e.elementwise, "opaque": _e.opaque}
-        if rule not in shorthand:
+        if rule not in SHORTHANDS:
             raise UnsupportedOpError(
                 f"register_op({_name(target)}): unknown rule {rule!r}; use one of "
-                f"{sorted(shorthand)} or a function rule(ctx)"
+                f"{sorted(SHORTHANDS)} or a function rule(ctx)"
             )
-        fn: Rule = shorthand[rule]
+        fn: Rule = SHORTHANDS[rule]
     elif callable(rule):
         fn = rule
     else:

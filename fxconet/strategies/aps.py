@@ -130,13 +130,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import math
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,20 +145,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fxconet.api import resize
+from fxconet.cost import CostModel
 from fxconet.data import as_loader
-from fxconet.ir import ChannelGraph
-from fxconet.passes.resize_layers import (
-    build_resized,
-    plan_resize,
-    predict_macs,
-    predict_params,
-)
-from fxconet.passes.solve_channels import Solution
-from fxconet.report import write_json
+from fxconet.errors import SearchError
+from fxconet.ir import ChannelGraph, round_width
+from fxconet.passes.resize_layers import ResizePlan, emit
+from fxconet.passes.view import SolutionView
 from fxconet.strategies import SearchContext, SearchOutcome
-from fxconet.strategies.conet import SearchError
-from fxconet.strategies.static import round_width
-from fxconet.train import TrainConfig, select_device
+from fxconet.strategies.loop import Checkpoints, Progress
+from fxconet.train import TrainConfig, evaluate, select_device
 
 __all__ = [
     "SHARING",
@@ -487,21 +481,8 @@ _SHAPE_ONLY: tuple[tuple[type, tuple[str, ...]], ...] = (
 )
 
 
-class _Recorder:
-    """Stands in for a module in a resize update hook and records the attributes it sets."""
-
-    def __init__(self, module: nn.Module) -> None:
-        object.__setattr__(self, "module", module)
-        object.__setattr__(self, "set", {})
-
-    def __getattr__(self, name: str) -> Any:
-        recorded = object.__getattribute__(self, "set")
-        if name in recorded:
-            return recorded[name]
-        return getattr(object.__getattribute__(self, "module"), name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        self.set[name] = value
+def _shape_only(module: nn.Module, attr: str) -> bool:
+    return any(isinstance(module, t) and attr in names for t, names in _SHAPE_ONLY)
 
 
 @dataclass(frozen=True)
@@ -574,10 +555,7 @@ class Supernet:
         self.graph = graph
         self.sharing = sharing
         self.device = torch.device(device)
-        solution: Solution = graph.state
-        if solution is None:
-            raise ValueError("Supernet needs a ChannelGraph from fxconet.analyze (no solver state)")
-        self.solution = solution
+        self.view = SolutionView(graph)
         self.candidates = {g: tuple(int(w) for w in c) for g, c in candidates.items()}
         self.groups = tuple(sorted(self.candidates))
         self.decisions = tuple(g for g in self.groups if len(self.candidates[g]) > 1)
@@ -587,12 +565,12 @@ class Supernet:
         }
         self.training = True
         self._skeletons: OrderedDict[tuple[Any, ...], torch.fx.GraphModule] = OrderedDict()
+        self._signatures: dict[tuple[tuple[int, int], ...], tuple[Any, ...]] = {}
         self._max_skeletons = max_skeletons
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.meta = resize(graph, self.meta_widths, init="reset").to(self.device)
         generator = torch.Generator().manual_seed(seed + 1)
-        self._leaf_group = {solution.leaf_of[g]: g for g in self.groups}
         self.sets: list[_MatrixSet] = []
         self._set_index: dict[tuple[str, str, int], int] = {}
         self.recipes = self._build_recipes()
@@ -617,19 +595,6 @@ class Supernet:
 
     # -- construction ---------------------------------------------------------------------------
 
-    def _originals(self) -> dict[str, Tensor]:
-        root = self.solution.traced.root
-        named = dict(root.named_parameters(remove_duplicate=False))
-        named.update(dict(root.named_buffers(remove_duplicate=False)))
-        return named
-
-    def _owners(self) -> dict[int, str]:
-        owner: dict[int, str] = {}
-        for rec in self.solution.layers.values():
-            for tid in rec.params.values():
-                owner.setdefault(tid, rec.path)
-        return owner
-
     def _key(self, layer: str, role: str, gid: int, meta: int, sizes: tuple[int, ...]) -> int:
         k = (layer, role, gid)
         idx = self._set_index.get(k)
@@ -640,58 +605,49 @@ class Supernet:
         return idx
 
     def _build_recipes(self) -> list[_Recipe]:
-        sol = self.solution
-        slots = sol.slots
-        originals = self._originals()
-        owners = self._owners()
+        layouts = self.view.tensors()
         recipes = []
         names = [n for n, _ in self.meta.named_parameters()] + [
             n for n, _ in self.meta.named_buffers()
         ]
         for name in names:
-            orig = originals.get(name)
-            rec = sol.params.get(id(orig)) if orig is not None else None
-            if rec is None:
+            tl = layouts.get(name)
+            if tl is None:
                 recipes.append(_Recipe(name, "plain"))
                 continue
-            owner = owners.get(id(orig), rec.path)
-            layer = sol.layers.get(owner)
-            module = layer.module if layer is not None else None
             attr = name.rsplit(".", 1)[-1]
-            is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm) and attr in (
-                "weight",
-                "bias",
-                "running_mean",
-                "running_var",
+            is_bn = (
+                tl.module_type is not None
+                and issubclass(tl.module_type, nn.modules.batchnorm._BatchNorm)
+                and attr in ("weight", "bias", "running_mean", "running_var")
             )
             dims = []
             gids_all: list[int] = []
-            for d, layout in enumerate(rec.dims):
+            for d, blocks in enumerate(tl.dims):
                 segs = []
                 offset = 0
                 touched = False
-                for o, v, i in slots.expand(layout):
-                    gid = self._leaf_group.get(v)
+                for b in blocks:
+                    gid = b.group if b.group in self.candidates else None
                     if gid is None:
-                        n = slots.size[v]
-                        segs.append(_Segment(offset, o, n, i, None))
+                        n = b.n
+                        segs.append(_Segment(offset, b.outer, n, b.inner, None))
                     else:
-                        unit = sol.unit[gid]
+                        unit = self.graph.groups[gid].divisor
                         n = self.meta_widths[gid] // unit
                         sizes = tuple(c // unit for c in self.candidates[gid])
-                        role = rec.roles.get(d)
-                        kind = layer.kind if layer is not None else "param"
+                        role = tl.roles.get(d)
                         if is_bn:  # sizes only: BatchNorm is rebuilt per candidate
-                            key = self._key(owner, "bn", gid, n, sizes)
-                        elif role in ("in", "out") and kind in _CONV_KINDS:
-                            key = self._key(owner, role, gid, n, sizes)
+                            key = self._key(tl.layer, "bn", gid, n, sizes)
+                        elif role in ("in", "out") and tl.kind in _CONV_KINDS:
+                            key = self._key(tl.layer, role, gid, n, sizes)
                         else:
                             key = self._key(name, f"fixed{d}", gid, n, sizes)
-                        segs.append(_Segment(offset, o, n, i, key))
+                        segs.append(_Segment(offset, b.outer, n, b.inner, key))
                         touched = True
                         if gid not in gids_all:
                             gids_all.append(gid)
-                    offset += o * n * i
+                    offset += b.outer * n * b.inner
                 if touched:
                     dims.append((d, tuple(segs)))
             if not dims:
@@ -699,12 +655,12 @@ class Supernet:
                 continue
             if is_bn:
                 kind = {"weight": "bn_weight", "bias": "bn_bias"}.get(attr, "bn_stat")
-                recipes.append(_Recipe(name, kind, tuple(dims), owner, tuple(gids_all)))
+                recipes.append(_Recipe(name, kind, tuple(dims), tl.layer, tuple(gids_all)))
                 continue
             # PyTorch's default init scales by the fan-in of dim 1 (conv, linear, transposed conv)
-            conv_like = layer is not None and layer.kind in _CONV_KINDS and len(rec.dims) >= 2
+            conv_like = tl.kind in _CONV_KINDS and len(tl.dims) >= 2
             fan_in = (1,) if conv_like and any(d == 1 for d, _ in dims) else ()
-            recipes.append(_Recipe(name, "project", tuple(dims), owner, fan_in_dims=fan_in))
+            recipes.append(_Recipe(name, "project", tuple(dims), tl.layer, fan_in_dims=fan_in))
         return recipes
 
     def _rescale_init(self) -> None:
@@ -744,7 +700,8 @@ class Supernet:
         return {g: self.candidates[g][int(choice.get(g, 0))] for g in self.groups}
 
     def skeleton(self, choice: Mapping[int, int]) -> torch.fx.GraphModule:
-        """A weight-less GraphModule that runs the choice's widths (LRU-cached).
+        """A weight-less GraphModule that runs the choice's widths (LRU-cached), built and
+        verified by the rewrite's own epilogue (:func:`fxconet.passes.resize_layers.emit`).
 
         Choices whose forward code is the same share one skeleton: same rewritten graph
         literals (``view``/``split`` sizes) and same module attributes, except the channel
@@ -752,39 +709,31 @@ class Supernet:
         A shared skeleton's modules may therefore name another choice's channel counts.
         """
         widths = self.widths(choice)
-        plan = plan_resize(self.graph, widths, select="first")
-        key = self._signature(plan)
+        widths_key = tuple(sorted(widths.items()))
+        key = self._signatures.get(widths_key)
+        plan = None
+        if key is None:
+            plan = self.view.plan(widths)
+            key = self._signatures[widths_key] = self._signature(plan)
         gm = self._skeletons.get(key)
         if gm is not None:
             self._skeletons.move_to_end(key)
             return gm
-        graph, owners = build_resized(plan, meta=True)
-        gm = torch.fx.GraphModule(owners, graph, self.solution.traced.name)
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
+        gm = emit(plan if plan is not None else self.view.plan(widths), meta=True)
         self._skeletons[key] = gm
         if len(self._skeletons) > self._max_skeletons:
             self._skeletons.popitem(last=False)
         return gm
 
-    def _signature(self, plan: Any) -> tuple[Any, ...]:
+    def _signature(self, plan: ResizePlan) -> tuple[Any, ...]:
         """What a forward reads of the widths: graph rewrites and module attributes."""
-        parts: list[Any] = []
-        for name, fns in sorted(self.solution.rewrites.items()):
-            parts.append((name, tuple(repr(fn(plan.size_of)) for fn in fns)))
-        for path, rec in self.solution.layers.items():
-            if rec.update is None or rec.module is None:
-                continue
-            recorder = _Recorder(rec.module)
-            try:
-                rec.update(recorder, plan.size_of, rec.notes)
-            except Exception:  # an update that needs a real module: no sharing
-                return ("widths", tuple(sorted(plan.widths.items())))
-            ignored = next((a for t, a in _SHAPE_ONLY if isinstance(rec.module, t)), ())
-            kept = tuple(sorted((k, repr(v)) for k, v in recorder.set.items() if k not in ignored))
-            if kept:
-                parts.append((path, kept))
+        try:
+            attrs = self.view.updated_attributes(plan, ignore=_shape_only)
+        except Exception:  # an update that fails on a copy of its module: no sharing
+            return ("widths", tuple(sorted(plan.widths.items())))
+        parts: list[Any] = list(self.view.rewritten_args(plan))
+        for path, changed in attrs.items():
+            parts.append((path, tuple(sorted((k, repr(v)) for k, v in changed.items()))))
         return tuple(parts)
 
     def _bn_key(self, recipe: _Recipe, choice: Mapping[int, int]) -> str:
@@ -1223,12 +1172,6 @@ def _complete(
 # the search loop
 
 
-def _save_torch(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
-
-
 def _cycle(loader: Any) -> Iterator[Any]:
     while True:
         empty = True
@@ -1237,21 +1180,6 @@ def _cycle(loader: Any) -> Iterator[Any]:
             yield batch
         if empty:
             return
-
-
-class _Macs:
-    """MACs per image of widths, from the IR (memoised)."""
-
-    def __init__(self, graph: ChannelGraph) -> None:
-        self.graph = graph
-        self.memo: dict[tuple[tuple[int, int], ...], int] = {}
-
-    def __call__(self, widths: Mapping[int, int]) -> int:
-        key = tuple(sorted(widths.items()))
-        hit = self.memo.get(key)
-        if hit is None:
-            hit = self.memo[key] = predict_macs(self.graph, widths)
-        return hit
 
 
 def _finite(x: float | None) -> float | None:
@@ -1304,9 +1232,6 @@ def aps_search(
         raise SearchError("the APS search needs training data (data=...); a train_fn is not used")
     started = time.perf_counter()
     train_config = train_config or TrainConfig()
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(train_config.device)
     cands = candidate_widths(graph, config.candidates)
     if not cands:
@@ -1324,8 +1249,9 @@ def aps_search(
     with torch.random.fork_rng():
         torch.manual_seed(config.seed + 2)
         controller = Controller([len(cands[g]) for g in decisions] or [1])
-    macs = _Macs(graph)
-    macs_before = macs({})
+    cost = CostModel(graph)
+    macs = cost.macs
+    macs_before = cost.macs_before
     target = None if config.flops_target is None else config.flops_target * macs_before
     scale = target if target is not None else float(macs_before)
     smallest = {g: 0 for g in supernet.groups}
@@ -1353,16 +1279,20 @@ def aps_search(
     schedule = replace(train_config, epochs=total)
     limits = [x for x in (config.search_batches_per_epoch, train_config.max_batches_per_epoch) if x]
     limit = min(limits) if limits else None
-    signature = {
-        "model": type(model).__name__,
-        "groups": [[g.id, g.size, g.divisor, g.frozen] for g in graph.groups],
-        "config": _search_settings(config.to_dict()),
-        "train": {
-            k: v
-            for k, v in train_config.to_dict().items()
-            if k not in ("device", "epochs", "num_workers")
+    checkpoints = Checkpoints(
+        Path(out) if out is not None else None,
+        {
+            "model": type(model).__name__,
+            "groups": [[g.id, g.size, g.divisor, g.frozen] for g in graph.groups],
+            "config": _search_settings(config.to_dict()),
+            "train": {
+                k: v
+                for k, v in train_config.to_dict().items()
+                if k not in ("device", "epochs", "num_workers")
+            },
         },
-    }
+        keep_tensors="last",  # resuming needs the last state only; the JSON keeps the history
+    )
     history: list[dict[str, Any]] = []
     baseline: float | None = None
     step = 0
@@ -1370,26 +1300,16 @@ def aps_search(
     bounds = supernet.phi_bounds()
     phi0 = supernet.phi()
     if resume:
-        files = sorted(out_dir.glob("trial_*.json")) if out_dir is not None else []
-        if not files:
-            raise SearchError(f"nothing to resume: no trial_*.json in {out_dir}")
-        last = json.loads(files[-1].read_text())
-        stored = dict(last.get("signature") or {})
-        stored["config"] = _search_settings(stored.get("config") or {})
-        if stored != signature:
-            raise SearchError(
-                f"{files[-1]} was written for another model or search configuration; "
-                "use a new --out folder or the same settings"
-            )
-        state = torch.load(files[-1].with_suffix(".pt"), weights_only=True)
+        found = checkpoints.resume()
+        first = found.next_step
+        state = checkpoints.load_tensors(first - 1)
         supernet.load_state_dict(state["supernet"])
         controller.load_state_dict(state["controller"])
         opt_w.load_state_dict(state["opt_w"])
         opt_c.load_state_dict(state["opt_c"])
         baseline, step = state["baseline"], state["step"]
-        history = [json.loads(f.read_text())["record"] for f in files]
-        first = int(last["trial"]) + 1
-    bar = tqdm(total=total, initial=first, desc="APS epochs", disable=not progress, unit="epoch")
+        history = found.records
+    bar = Progress("APS epochs", total, initial=first, enabled=progress, log=log, unit="epoch")
     for epoch in range(first, total):
         searching = epoch >= config.warmup_epochs
         t0 = time.perf_counter()
@@ -1529,45 +1449,32 @@ def aps_search(
             "gradient_cosine": _mean(cosines),
             "widths": {str(g): w for g, w in likely.items()},
             "macs": macs(likely),
-            "params": predict_params(graph, likely),
+            "params": cost.params(likely),
             "val_accuracy": val_acc,
             "seconds": time.perf_counter() - t0,
         }
         history.append(record)
-        if out_dir is not None:
-            _save_torch(
-                out_dir / f"trial_{epoch:03d}.pt",
-                {
-                    "supernet": supernet.state_dict(),
-                    "controller": controller.state_dict(),
-                    "opt_w": opt_w.state_dict(),
-                    "opt_c": opt_c.state_dict(),
-                    "baseline": baseline,
-                    "step": step,
-                },
-            )
-            write_json(
-                out_dir / f"trial_{epoch:03d}.json",
-                {
-                    "trial": epoch,
-                    "signature": signature,
-                    "record": record,
-                    "done": epoch == total - 1,
-                },
-            )
-            # resuming needs the last state only; the JSON files keep the whole history
-            previous = out_dir / f"trial_{epoch - 1:03d}.pt"
-            if epoch > 0 and previous.is_file():
-                previous.unlink()
-        if log is not None:
-            acc_s = "" if val_acc is None else f", likely val acc {val_acc:.3f}"
-            rew = "" if not rewards else f", reward {record['reward']:.3f}"
-            log(
-                f"epoch {epoch} ({record['phase']}): loss {record['train_loss']:.3f}{rew}, "
-                f"phi {phi_rel:.3f} of ordinal, likely {record['macs'] / macs_before:.0%} "
-                f"MACs{acc_s}, {record['seconds']:.1f}s"
-            )
-        bar.update(1)
+        checkpoints.save(
+            epoch,
+            record,
+            tensors={
+                "supernet": supernet.state_dict(),
+                "controller": controller.state_dict(),
+                "opt_w": opt_w.state_dict(),
+                "opt_c": opt_c.state_dict(),
+                "baseline": baseline,
+                "step": step,
+            },
+            done=epoch == total - 1,
+        )
+        acc_s = "" if val_acc is None else f", likely val acc {val_acc:.3f}"
+        rew = "" if not rewards else f", reward {record['reward']:.3f}"
+        bar.log(
+            f"epoch {epoch} ({record['phase']}): loss {record['train_loss']:.3f}{rew}, "
+            f"phi {phi_rel:.3f} of ordinal, likely {record['macs'] / macs_before:.0%} "
+            f"MACs{acc_s}, {record['seconds']:.1f}s"
+        )
+        bar.step()
     bar.close()
 
     # -- top-N by beam search, closest to the target, decode -----------------------------------
@@ -1600,8 +1507,6 @@ def aps_search(
             final = decode(supernet, best_choice)
             _recalibrate(final, train_data, train_config, device, seed=config.seed + total)
             if val_data is not None:
-                from fxconet.train import evaluate
-
                 decoded_acc = evaluate(final, val_data, batch_size=train_config.batch_size).accuracy
         init_state = {k: v.detach().cpu().clone() for k, v in final.state_dict().items()}
     extra = {
@@ -1693,12 +1598,10 @@ def run(ctx: SearchContext) -> SearchOutcome:
         ...                                    data="digits", method="aps", flops_target=0.5)
         >>> result.macs_after / result.macs_before    # about 0.5
     """
-    names = {f.name for f in fields(ApsConfig)} - {"seed"}
-    config = ApsConfig(**{k: v for k, v in ctx.options.items() if k in names}, seed=ctx.seed)
     return aps_search(
         ctx.model,
         ctx.graph,
-        config,
+        ctx.config,
         train_data=ctx.train_data,
         val_data=ctx.val_data,
         train_config=ctx.train_config,

@@ -38,42 +38,34 @@ Where this follows the paper's official code rather than the paper, or neither (
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fxconet.api import analyze, resize
-from fxconet.errors import FxconetError
-from fxconet.ir import ChannelGraph
+from fxconet.cost import CostModel
+from fxconet.errors import SearchError
+from fxconet.ir import ChannelGraph, round_width
 from fxconet.metrics import RankTracker
-from fxconet.passes.resize_layers import predict_params
-from fxconet.report import write_json
 from fxconet.strategies import SearchContext, SearchOutcome
-from fxconet.strategies.static import round_width
+from fxconet.strategies.loop import Checkpoints, Progress
 from fxconet.train import TrainConfig, TrainFn, evaluate, run_training
 
 __all__ = [
     "ConetConfig",
     "GroupState",
-    "SearchError",
     "conet_search",
     "decide",
     "initial_state",
     "run",
 ]
-
-
-class SearchError(FxconetError, RuntimeError):
-    """A search cannot start or resume (bad checkpoint folder, mismatched model)."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +109,7 @@ class ConetConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            ("delta", math.isfinite(self.delta), "must be a finite number"),
+            ("delta", math.isfinite(self.delta) and self.delta > 0, "must be a number > 0"),
             ("mu", self.mu > 0, "must be > 0"),
             ("gamma", 0 < self.gamma < 1, "must be in (0, 1)"),
             ("phi", 0 < self.phi < 1, "must be in (0, 1)"),
@@ -233,10 +225,6 @@ def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def _trial_files(out: Path) -> list[Path]:
-    return sorted(out.glob("trial_*.json"))
-
-
 def conet_search(
     model: nn.Module,
     graph: ChannelGraph,
@@ -277,40 +265,32 @@ def conet_search(
     if train_data is None and train_fn is None:
         raise SearchError("the CONet search needs training data (data=...) or a train_fn")
     started = time.perf_counter()
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
     train_config = train_config or TrainConfig()
-    signature = {
-        "model": type(model).__name__,
-        "groups": [[g.id, g.size, g.divisor, g.frozen] for g in graph.groups],
-        "config": config.to_dict(),
-    }
+    checkpoints = Checkpoints(
+        Path(out) if out is not None else None,
+        {
+            "model": type(model).__name__,
+            "groups": [[g.id, g.size, g.divisor, g.frozen] for g in graph.groups],
+            "config": config.to_dict(),
+        },
+    )
+    cost = CostModel(graph)
     state = initial_state(graph, config)
     history: list[dict[str, Any]] = []
     first = 0
     trained: nn.Module | None = None
     if resume:
-        files = _trial_files(out_dir) if out_dir is not None else []
-        if not files:
-            raise SearchError(f"nothing to resume: no trial_*.json in {out_dir}")
-        last = json.loads(files[-1].read_text())
-        if last.get("signature") != signature:
-            raise SearchError(
-                f"{files[-1]} was written for another model or search configuration; "
-                "use a new --out folder or the same settings"
-            )
-        state = _state_from_json(last["state"])
-        history = [json.loads(f.read_text())["record"] for f in files]
-        first = int(last["trial"]) + 1
+        found = checkpoints.resume()
+        state = _state_from_json(found.state)
+        history = found.records
+        first = found.next_step
         if not config.reinit:
-            trained = _load_trained(model, graph, last["record"]["widths"], out_dir, first - 1)
-        if last.get("done"):
+            last_widths = {int(k): v for k, v in found.records[-1]["widths"].items()}
+            trained = resize(graph, last_widths, init="reset")
+            trained.load_state_dict(checkpoints.load_tensors(first - 1))
+        if found.done:
             first = config.trials
-    bar = tqdm(
-        total=config.trials, initial=first, desc="CONet trials", disable=not progress, unit="trial"
-    )
-    done = first >= config.trials
+    bar = Progress("CONet trials", config.trials, initial=first, enabled=progress, log=log)
     for trial in range(first, config.trials):
         widths = _widths(state)
         trial_model = _trial_model(model, graph, example_inputs, widths, trained, config, trial)
@@ -343,7 +323,7 @@ def conet_search(
         record = {
             "trial": trial,
             "widths": {str(k): v for k, v in widths.items()},
-            "params": predict_params(graph, widths),
+            "params": cost.params(widths),
             "train_loss": _last(train_history, "train_loss"),
             "train_accuracy": _last(train_history, "train_accuracy"),
             "val_accuracy": None if val is None else val.accuracy,
@@ -363,28 +343,21 @@ def conet_search(
         history.append(record)
         state = new_state
         done = config.early_stop and all(s.converged for s in state.values())
-        if out_dir is not None:
-            if not config.reinit:
-                torch.save(trial_model.state_dict(), out_dir / f"trial_{trial:03d}.pt")
-            write_json(
-                out_dir / f"trial_{trial:03d}.json",
-                {
-                    "trial": trial,
-                    "signature": signature,
-                    "state": _state_to_json(state),
-                    "record": record,
-                    "done": done,
-                },
-            )
-        if log is not None:
-            acc = "" if val is None else f", val acc {val.accuracy:.3f}"
-            moved = sum(1 for a in actions.values() if a != 0)
-            log(
-                f"trial {trial}: {record['params']:,} params{acc}, "
-                f"{moved}/{len(actions)} groups moved, {seconds:.1f}s"
-            )
+        checkpoints.save(
+            trial,
+            record,
+            state=_state_to_json(state),
+            tensors=None if config.reinit else trial_model.state_dict(),
+            done=done,
+        )
+        acc = "" if val is None else f", val acc {val.accuracy:.3f}"
+        moved = sum(1 for a in actions.values() if a != 0)
+        bar.log(
+            f"trial {trial}: {record['params']:,} params{acc}, "
+            f"{moved}/{len(actions)} groups moved, {seconds:.1f}s"
+        )
         trained = trial_model if not config.reinit else None
-        bar.update(1)
+        bar.step()
         if done:
             break
     bar.close()
@@ -402,13 +375,11 @@ def conet_search(
 
 def run(ctx: SearchContext) -> SearchOutcome:
     """``method="conet"`` for :func:`fxconet.optimize_channels`."""
-    names = {f.name for f in fields(ConetConfig)} - {"seed"}
-    config = ConetConfig(**{k: v for k, v in ctx.options.items() if k in names}, seed=ctx.seed)
     return conet_search(
         ctx.model,
         ctx.graph,
         ctx.example_inputs,
-        config,
+        ctx.config,
         train_data=ctx.train_data,
         val_data=ctx.val_data,
         train_config=ctx.train_config,
@@ -443,15 +414,3 @@ def _trial_model(
     if [(g.id, g.divisor) for g in previous.groups] != [(g.id, g.divisor) for g in graph.groups]:
         raise SearchError("the trained trial model's channel groups differ from the original's")
     return resize(previous, widths)
-
-
-def _load_trained(
-    model: nn.Module, graph: ChannelGraph, widths: Mapping[str, int], out: Path | None, trial: int
-) -> nn.Module:
-    assert out is not None
-    path = out / f"trial_{trial:03d}.pt"
-    if not path.is_file():
-        raise SearchError(f"cannot resume an inheriting search: {path} is missing")
-    trained = resize(graph, {int(k): v for k, v in widths.items()}, init="reset")
-    trained.load_state_dict(torch.load(path, weights_only=True))
-    return trained

@@ -15,36 +15,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fxconet.ir import ChannelGraph
-from fxconet.metrics import LayerMetrics, layer_metrics
-from fxconet.passes.resize_layers import predict_params
+from fxconet.api import resize
+from fxconet.cost import predict_params
+from fxconet.ir import ChannelGraph, round_width
+from fxconet.metrics import LayerMetrics, RankTracker, layer_metrics
 from fxconet.strategies import SearchContext, SearchOutcome
+from fxconet.train import run_training
 
 __all__ = [
+    "StaticConfig",
+    "UniformConfig",
     "group_output_ranks",
-    "round_width",
     "run",
     "run_uniform",
     "static_widths",
     "uniform_for_params",
     "uniform_widths",
 ]
-
-
-def round_width(x: float, step: int, *, low: int = 1, high: int | None = None) -> int:
-    """Nearest multiple of ``step`` to ``x`` (half to even), clamped to ``[low, high]`` and at
-    least ``step``."""
-    w = int(round(x / step)) * step
-    lo = max(step, int(math.ceil(low / step)) * step)
-    w = max(w, lo)
-    if high is not None:
-        w = min(w, max(lo, (high // step) * step))
-    return w
 
 
 def group_output_ranks(
@@ -145,18 +138,59 @@ def uniform_for_params(
     return best[1], best[2]
 
 
-def run(ctx: SearchContext) -> SearchOutcome:
-    """``method="static"`` for :func:`fxconet.optimize_channels`: Eq. 4 with ``scale`` (0.5)
-    from the model's own ranks, or, with ``baseline_epochs`` and data, from each layer's maximum
-    output rank over a baseline training from scratch (the paper's procedure)."""
-    from fxconet.api import resize
-    from fxconet.metrics import RankTracker
-    from fxconet.train import run_training
+@dataclass(frozen=True)
+class StaticConfig:
+    """Settings of static scaling (CONet Sec. 3, Eq. 4).
 
-    scale = float(ctx.options.get("scale", 0.5))
-    reference = bool(ctx.options.get("reference_metrics", False))
-    epochs = int(ctx.options.get("baseline_epochs", 0))
-    config = {"scale": scale, "baseline_epochs": epochs, "reference_metrics": reference}
+    Attributes:
+        scale: ``S`` of Eq. 4 in [0, 1]: 0 keeps the widths, 1 shrinks every group to its
+            output rank.
+        baseline_epochs: with data, first train the model from scratch this many epochs and
+            use each layer's maximum output rank over that training (the paper's procedure);
+            0 uses the model's own (trained) weights.
+        reference_metrics: measure ranks exactly as the paper's code does.
+    """
+
+    scale: float = 0.5
+    baseline_epochs: int = 0
+    reference_metrics: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.scale <= 1.0:
+            raise ValueError(f"StaticConfig.scale={self.scale!r}: must be in [0, 1]")
+        if self.baseline_epochs < 0:
+            raise ValueError(f"StaticConfig.baseline_epochs={self.baseline_epochs!r}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class UniformConfig:
+    """Settings of uniform (compound) scaling.
+
+    Attributes:
+        phi: every free width times ``phi`` (> 0).
+        target_params: instead of ``phi``, the ``phi`` whose model has about this many
+            parameters.
+    """
+
+    phi: float = 0.5
+    target_params: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.phi > 0:
+            raise ValueError(f"UniformConfig.phi={self.phi!r}: must be > 0")
+        if self.target_params is not None and self.target_params <= 0:
+            raise ValueError(
+                f"UniformConfig.target_params={self.target_params!r}: must be None or > 0"
+            )
+
+
+def run(ctx: SearchContext) -> SearchOutcome:
+    """``method="static"`` for :func:`fxconet.optimize_channels`: Eq. 4 with ``scale`` from the
+    model's own ranks, or, with ``baseline_epochs`` and data, from each layer's maximum output
+    rank over a baseline training from scratch (the paper's procedure)."""
+    cfg: StaticConfig = ctx.config
+    scale, reference, epochs = cfg.scale, cfg.reference_metrics, cfg.baseline_epochs
+    config = asdict(cfg)
     if epochs <= 0:
         widths = static_widths(ctx.graph, ctx.model, scale=scale, reference=reference)
         return SearchOutcome(widths=widths, config=config)
@@ -184,11 +218,12 @@ def run(ctx: SearchContext) -> SearchOutcome:
 
 
 def run_uniform(ctx: SearchContext) -> SearchOutcome:
-    """``method="uniform"``: every free width times ``phi`` (0.5), or the ``phi`` giving
+    """``method="uniform"``: every free width times ``phi``, or the ``phi`` giving
     ``target_params`` parameters."""
-    if ctx.options.get("target_params") is not None:
-        phi, widths = uniform_for_params(ctx.graph, int(ctx.options["target_params"]))
+    cfg: UniformConfig = ctx.config
+    if cfg.target_params is not None:
+        phi, widths = uniform_for_params(ctx.graph, int(cfg.target_params))
     else:
-        phi = float(ctx.options.get("phi", 0.5))
+        phi = float(cfg.phi)
         widths = uniform_widths(ctx.graph, phi)
     return SearchOutcome(widths=widths, config={"phi": phi})

@@ -1,0 +1,308 @@
+"""``optimize_channels``: search new widths for a model, resize it, train it, report it.
+
+One function for every method of :data:`fxconet.strategies.METHODS`. It prepares the data (the
+search sees the training split only; a held-out part gives per-trial validation), analyses the
+model, runs the method, resizes to the widths found, trains the result when asked (the test
+split is touched only after that), and writes ``report.json`` and plots.
+
+The accepted options are derived, not listed by hand: the common ones below, the built-in
+training loop's :class:`~fxconet.train.TrainConfig` fields, and the fields of the method's
+config dataclass (:func:`accepted_options`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxconet import data as data_mod
+from fxconet import train as train_mod
+from fxconet.api import analyze, resize
+from fxconet.cost import CostModel, count_params
+from fxconet.errors import SearchError
+from fxconet.ir import ChannelGraph
+from fxconet.report import before_after_table, write_report
+from fxconet.strategies import SearchContext, get_method
+
+__all__ = [
+    "COMMON_OPTIONS",
+    "LOOP_OPTIONS",
+    "OptimizeResult",
+    "accepted_options",
+    "optimize_channels",
+]
+
+#: options of every method, besides :data:`LOOP_OPTIONS`
+COMMON_OPTIONS = frozenset(
+    {
+        "out", "resume", "seed", "progress", "epochs", "init", "train_config", "train_fn",
+        "test_data", "val_fraction", "leaf_modules", "concrete_args", "freeze", "data_dir",
+        "augment", "log",
+    }
+)  # fmt: skip
+#: the built-in loop's settings given as options: every :class:`~fxconet.train.TrainConfig`
+#: field but ``epochs`` (the method decides) and ``seed`` (the common one)
+LOOP_OPTIONS = frozenset(f.name for f in dataclasses.fields(train_mod.TrainConfig)) - {
+    "epochs",
+    "seed",
+}
+
+
+def accepted_options(method: str) -> frozenset[str]:
+    """Every option name :func:`optimize_channels` accepts for ``method``.
+
+    Example:
+        >>> "delta" in accepted_options("conet"), "delta" in accepted_options("aps")
+        (True, False)
+    """
+    return COMMON_OPTIONS | LOOP_OPTIONS | get_method(method).options
+
+
+@dataclass(frozen=True, eq=False)
+class OptimizeResult:
+    """What :func:`optimize_channels` found.
+
+    Attributes:
+        model: the resized (and, with ``epochs > 0``, trained) GraphModule.
+        widths: the chosen width of every free group, by id.
+        graph: the original model's channel graph (ids, producers, frozen reasons).
+        method: ``"conet"``, ``"static"``, ``"uniform"`` or ``"aps"``.
+        params_before, params_after, macs_before, macs_after: model sizes (MACs of one image).
+        history: one dict per search trial (widths, slopes, conditions, ranks, accuracies).
+        accuracy: test accuracy of the final model (``None`` without final training or test
+            data); ``baseline_accuracy`` is left to the caller (see the benchmarks).
+        report_path: ``report.json`` when an output folder was given.
+        seconds: wall time of the search.
+    """
+
+    model: torch.nn.Module
+    widths: dict[int, int]
+    graph: ChannelGraph
+    method: str
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    history: tuple[dict[str, Any], ...] = ()
+    accuracy: float | None = None
+    report_path: Path | None = None
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report (as written to ``report.json``)."""
+        return {
+            "method": self.method,
+            "widths": {str(k): v for k, v in sorted(self.widths.items())},
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "macs_before": self.macs_before,
+            "macs_after": self.macs_after,
+            "accuracy": self.accuracy,
+            "seconds": self.seconds,
+            "config": self.config,
+            "groups": [
+                {
+                    "id": g.id,
+                    "size": g.size,
+                    "divisor": g.divisor,
+                    "frozen": g.frozen,
+                    "reason": g.reason,
+                    "producers": list(g.producers),
+                }  # fmt: skip
+                for g in self.graph.groups
+            ],
+            "history": list(self.history),
+            **self.extra,
+        }
+
+    def table(self) -> str:
+        """Before/after table of sizes, accuracy and changed groups."""
+        return before_after_table(self.report(), {g.id: g.size for g in self.graph.groups})
+
+
+def optimize_channels(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    data: Any = None,
+    method: str | None = None,
+    **options: Any,
+) -> OptimizeResult:
+    """Choose new channel widths for ``model`` and return the resized model.
+
+    Args:
+        model: any traceable ``nn.Module`` (never modified).
+        example_inputs: example inputs (shapes only); taken from ``data`` when omitted.
+        data: training data: a Dataset, a DataLoader or a built-in name (``"digits"``,
+            ``"fashion-mnist"``, ``"cifar10"``, ``"cifar100"``, ``"imagefolder"``, ``"fake"``;
+            see :mod:`fxconet.data`). The search uses the training split only.
+        method: ``"conet"`` (default with data; CONet Alg. 2), ``"static"`` (default without;
+            CONet Eq. 4 from the model's trained weights), ``"uniform"`` (every width times
+            ``phi``) or ``"aps"`` (affine parameter sharing search, :mod:`fxconet.strategies.aps`).
+        **options: see below.
+
+    Options for every method (:data:`COMMON_OPTIONS`, :data:`LOOP_OPTIONS`):
+        epochs (0): train the final model this many epochs and measure its test accuracy.
+        init: initialisation of the final model, ``"reset"`` (default when ``epochs > 0``: the
+            paper trains the found widths from scratch), ``"inherit"`` (the model's weights,
+            largest-norm channels) or ``"search"`` (weights the method provides, e.g. APS's
+            meta-weights projected through P/Q).
+        out: folder for checkpoints (one ``trial_NNN.json`` per trial), ``report.json`` and
+            plots; nothing is written when omitted. resume: continue a killed search in ``out``.
+        seed (0), progress (True), log (a callable receiving progress lines).
+        train_config: a :class:`fxconet.train.TrainConfig`, or its fields (``lr``,
+            ``batch_size``, ``schedule``, ``momentum``, ``weight_decay``, ``device``,
+            ``max_batches_per_epoch`` ...). train_fn: your own training loop (see
+            fxconet.train).
+        test_data: data for the final accuracy (default: the named dataset's test split).
+        val_fraction (0.1): held-out part of the training data for per-trial validation.
+        data_dir, augment: for named datasets. leaf_modules, concrete_args, freeze: as for
+            :func:`analyze`.
+
+    The method's own options are the fields of its config dataclass:
+    :class:`~fxconet.strategies.conet.ConetConfig` (delta, mu, gamma, phi, trials,
+    epochs_per_trial ...), :class:`~fxconet.strategies.static.StaticConfig` (scale,
+    baseline_epochs), :class:`~fxconet.strategies.static.UniformConfig` (phi, target_params) and
+    :class:`~fxconet.strategies.aps.ApsConfig` (flops_target, sharing, candidates, warmup_epochs,
+    search_epochs, flops_tolerance ...).
+
+    Returns:
+        An :class:`OptimizeResult`.
+
+    Example:
+        >>> result = fxconet.optimize_channels(fxconet.models.cifar_resnet20(in_channels=1),
+        ...                                    data="digits", trials=3, epochs_per_trial=2)
+        >>> print(result.table())
+    """
+    method = method or ("conet" if data is not None else "static")
+    spec = get_method(method)
+    allowed = accepted_options(method)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(
+            f"optimize_channels(method={method!r}) got unknown options {unknown}; valid: "
+            f"{', '.join(sorted(allowed))}"
+        )
+    seed = int(options.get("seed", 0))
+    config = spec.make_config(options, seed=seed)  # checks the method's options first
+    progress = bool(options.get("progress", True))
+    epochs = int(options.get("epochs", 0))
+    out = Path(options["out"]) if options.get("out") is not None else None
+    train_fn = options.get("train_fn")
+    train_data = search_data = test_data = val_data = None
+    if data is not None:
+        root = options.get("data_dir")
+        augment = bool(options.get("augment", False))
+        train_data = data_mod.as_dataset(data, split="train", augment=augment, root=root)
+        if isinstance(data, str):
+            test_data = data_mod.as_dataset(data, split="test", augment=False, root=root)
+        val_fraction = float(options.get("val_fraction", 0.1))
+        search_data = train_data
+        if not isinstance(train_data, torch.utils.data.DataLoader) and val_fraction > 0:
+            search_data, val_data = data_mod.train_val_split(train_data, val_fraction, seed=seed)
+    elif spec.needs_data and train_fn is None:
+        raise SearchError(f"method={method!r} needs training data (data=...) or a train_fn")
+    if options.get("test_data") is not None:
+        test_data = data_mod.as_dataset(options["test_data"], split="test", augment=False)
+    if example_inputs is None:
+        if train_data is None:
+            raise ValueError("optimize_channels needs example_inputs or data")
+        example_inputs = _example_from(train_data)
+    train_config = options.get("train_config") or train_mod.TrainConfig(
+        **{k: options[k] for k in LOOP_OPTIONS if options.get(k) is not None}, seed=seed
+    )
+    graph = analyze(
+        model,
+        example_inputs,
+        leaf_modules=options.get("leaf_modules", ()),
+        concrete_args=options.get("concrete_args"),
+        freeze=options.get("freeze", ()),
+    )
+    ctx = SearchContext(
+        model=model,
+        graph=graph,
+        example_inputs=example_inputs,
+        train_data=search_data,
+        val_data=val_data,
+        train_config=train_config,
+        train_fn=train_fn,
+        config=config,
+        out=out,
+        resume=bool(options.get("resume", False)),
+        seed=seed,
+        progress=progress,
+        log=options.get("log"),
+    )
+    started = time.perf_counter()
+    outcome = spec.run(ctx)
+    seconds = time.perf_counter() - started
+    widths = outcome.widths
+    init = options.get("init") or ("reset" if epochs > 0 else "inherit")
+    if init not in ("reset", "inherit", "search"):
+        raise ValueError(f"init={init!r}: choose reset, inherit or search")
+    torch.manual_seed(seed)
+    final = resize(graph, widths, init="reset" if init == "search" else init)
+    if init == "search":
+        if outcome.init_state is None:
+            raise ValueError(f"init='search': method {method!r} provides no weights")
+        final.load_state_dict(outcome.init_state)
+    accuracy = None
+    if epochs > 0:
+        if train_data is None and train_fn is None:
+            raise ValueError("epochs > 0 needs data= (or a train_fn) to train the final model")
+        train_mod.run_training(
+            final,
+            epochs=epochs,
+            on_epoch_end=lambda epoch, m: None,
+            data=train_data,
+            config=train_config,
+            train_fn=train_fn,
+            progress=progress,
+        )
+        if test_data is not None:
+            accuracy = train_mod.evaluate(final, test_data).accuracy
+    cost = CostModel(graph)
+    result = OptimizeResult(
+        model=final,
+        widths={g.id: widths.get(g.id, g.size) for g in graph.free},
+        graph=graph,
+        method=method,
+        params_before=count_params(model),
+        params_after=count_params(final),
+        macs_before=cost.macs_before,
+        macs_after=cost.macs(widths),
+        history=tuple(outcome.history),
+        accuracy=accuracy,
+        seconds=seconds,
+        config={
+            "method": method,
+            "seed": seed,
+            "epochs": epochs,
+            "init": init,
+            "train": train_config.to_dict(),
+            method: outcome.config,
+        },
+        extra=dict(outcome.extra),
+    )
+    if out is not None:
+        path = write_report(result.report(), out)
+        result = dataclasses.replace(result, report_path=path)
+    return result
+
+
+def _example_from(dataset: Any) -> torch.Tensor:
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        batch = next(iter(dataset))
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return x[:1]
+    sample = dataset[0]
+    x = sample[0] if isinstance(sample, list | tuple) else sample
+    return x.unsqueeze(0)

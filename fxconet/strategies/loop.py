@@ -1,0 +1,207 @@
+"""The checkpointed search skeleton shared by the iterative strategies (CONet, APS).
+
+A search is a sequence of *steps* (CONet: trials; APS: epochs). After each step it writes a
+checkpoint, so a killed search resumes where it stopped and ends exactly as an uninterrupted one:
+
+* :class:`Checkpoints`: the output folder, one ``trial_NNN.json`` per step (the step's record,
+  the strategy's state and the search's *signature*) plus optional ``trial_NNN.pt`` tensors;
+  resuming refuses checkpoints written with another signature.
+* :class:`Progress`: a progress bar over the steps and one log line per step, sent to the
+  ``log`` callable (if any) and to the ``fxconet`` logger, written above the bar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fxconet.errors import SearchError
+from fxconet.report import write_json
+
+__all__ = ["Checkpoints", "Progress", "Resumed", "logger"]
+
+#: the library's logger: ``logging.getLogger("fxconet")``
+logger = logging.getLogger("fxconet")
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a checkpoint folder holds: every step's record and the last step's checkpoint.
+
+    Attributes:
+        records: the ``record`` of every finished step, in order.
+        last: the last step's whole checkpoint (``step``, ``signature``, ``record``, ``state``,
+            ``done``).
+        next_step: the first step still to run.
+    """
+
+    records: list[dict[str, Any]]
+    last: dict[str, Any]
+    next_step: int
+
+    @property
+    def state(self) -> Any:
+        """The strategy's state saved with the last step."""
+        return self.last.get("state")
+
+    @property
+    def done(self) -> bool:
+        """The search ended with the last step (e.g. every group converged)."""
+        return bool(self.last.get("done"))
+
+
+@dataclass
+class Checkpoints:
+    """The checkpoints of one search in ``out`` (nothing is written when ``out`` is None).
+
+    Args:
+        out: the output folder (created on first use).
+        signature: everything that must be equal for a checkpoint to be resumed (model, groups,
+            method and training settings), as JSON-ready values.
+        keep_tensors: ``"all"`` keeps every step's ``.pt`` file; ``"last"`` only the newest
+            (enough to resume; the JSON files keep the whole history).
+
+    Example:
+        >>> ckpt = Checkpoints(Path("runs/x"), {"model": "Net"})
+        >>> ckpt.save(0, {"loss": 1.0}, state={"width": 32})
+        >>> ckpt.resume().next_step
+        1
+    """
+
+    out: Path | None
+    signature: Mapping[str, Any]
+    keep_tensors: str = "all"
+    _files: list[Path] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.keep_tensors not in ("all", "last"):
+            raise ValueError(f"keep_tensors={self.keep_tensors!r}: 'all' or 'last'")
+        if self.out is not None:
+            self.out = Path(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def json_path(self, step: int) -> Path:
+        """The checkpoint file of ``step``."""
+        assert self.out is not None
+        return self.out / f"trial_{step:03d}.json"
+
+    def tensor_path(self, step: int) -> Path:
+        """The tensor file of ``step``."""
+        return self.json_path(step).with_suffix(".pt")
+
+    def resume(self) -> Resumed:
+        """The checkpoints in ``out``, checked against the signature.
+
+        Raises:
+            SearchError: no checkpoint, or the last one was written for another signature.
+        """
+        files = sorted(self.out.glob("trial_*.json")) if self.out is not None else []
+        if not files:
+            raise SearchError(f"nothing to resume: no trial_*.json in {self.out}")
+        last = json.loads(files[-1].read_text())
+        if last.get("signature") != _json_ready(self.signature):
+            raise SearchError(
+                f"{files[-1]} was written for another model or search configuration; "
+                "use a new --out folder or the same settings"
+            )
+        records = [json.loads(f.read_text())["record"] for f in files]
+        return Resumed(records=records, last=last, next_step=int(last["trial"]) + 1)
+
+    def load_tensors(self, step: int) -> Any:
+        """The tensors saved with ``step`` (``torch.load(weights_only=True)``).
+
+        Raises:
+            SearchError: the file is missing.
+        """
+        path = self.tensor_path(step)
+        if not path.is_file():
+            raise SearchError(f"cannot resume: {path} is missing")
+        return torch.load(path, weights_only=True)
+
+    def save(
+        self,
+        step: int,
+        record: Mapping[str, Any],
+        *,
+        state: Any = None,
+        tensors: Any = None,
+        done: bool = False,
+    ) -> None:
+        """Write the checkpoint of ``step``: its tensors first (atomically), then the JSON that
+        makes the step count as finished."""
+        if self.out is None:
+            return
+        if tensors is not None:
+            path = self.tensor_path(step)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            torch.save(tensors, tmp)
+            os.replace(tmp, path)
+        payload: dict[str, Any] = {"trial": step, "signature": _json_ready(self.signature)}
+        if state is not None:
+            payload["state"] = state
+        payload["record"] = record
+        payload["done"] = done
+        write_json(self.json_path(step), payload)
+        if self.keep_tensors == "last" and step > 0:
+            previous = self.tensor_path(step - 1)
+            if previous.is_file():
+                previous.unlink()
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value))
+
+
+class Progress:
+    """A progress bar over a search's steps and its log lines.
+
+    Args:
+        desc: the bar's label.
+        total: number of steps.
+        initial: steps already done (resumed).
+        enabled: show the bar.
+        log: also receives every log line (the CLI prints them).
+        unit: the bar's unit.
+    """
+
+    def __init__(
+        self,
+        desc: str,
+        total: int,
+        *,
+        initial: int = 0,
+        enabled: bool = True,
+        log: Callable[[str], None] | None = None,
+        unit: str = "trial",
+    ) -> None:
+        self._bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, unit=unit)
+        self._log = log
+
+    def log(self, line: str) -> None:
+        """One line about the search: to ``log``, and to the ``fxconet`` logger."""
+        logger.info(line)
+        if self._log is not None:
+            self._log(line)
+
+    def step(self) -> None:
+        """One more step done."""
+        self._bar.update(1)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
