@@ -78,7 +78,7 @@ def _parse(text: str, hint: Any) -> Any:
     t = text.strip()
     options = _alternatives(hint)
     origins = {typing.get_origin(o) or o for o in options}
-    if type(None) in options and t.lower() in ("none", "null"):
+    if (type(None) in options or Any in options) and t.lower() in ("none", "null"):
         return None
     if bool in options:
         if t.lower() in ("true", "yes", "1", "on"):
@@ -86,7 +86,7 @@ def _parse(text: str, hint: Any) -> Any:
         if t.lower() in ("false", "no", "0", "off"):
             return False
         raise ValueError(f"expected true or false, got {text!r}")
-    if (Mapping in origins or dict in origins) and ":" in t:
+    if (Mapping in origins or dict in origins or Any in options) and ":" in t:
         pairs = [part.split(":", 1) for part in t.split(",") if part]
         return {int(k): _parse(v.replace("/", ","), Any) for k, v in pairs}
     if (tuple in origins or list in origins or Any in options) and "," in t:

@@ -178,7 +178,7 @@ class SolutionView:
             for tid in lrec.params.values():
                 owners.setdefault(tid, lrec.path)
         root = solution.traced.root
-        named = dict(root.named_parameters(remove_duplicate=False))
+        named: dict[str, torch.Tensor] = dict(root.named_parameters(remove_duplicate=False))
         named.update(dict(root.named_buffers(remove_duplicate=False)))
         out: dict[str, TensorLayout] = {}
         for name, t in named.items():

@@ -69,6 +69,8 @@ def elementwise(ctx: RuleContext) -> Any:
     result: list[Layout | None] = [None] * n
     for a in ctx.tensor_args():
         d = ctx.dims(a)
+        if d is None:  # tensor_args() lists tensors with layouts only
+            continue
         s = ctx.shape(a)
         off = n - len(s)
         for k, size in enumerate(s):
@@ -76,10 +78,11 @@ def elementwise(ctx: RuleContext) -> Any:
             if od < 0:
                 continue
             if size == oshape[od]:
-                if result[od] is None:
+                kept = result[od]
+                if kept is None:
                     result[od] = d[k]
                 else:
-                    ctx.tie(result[od], d[k])
+                    ctx.tie(kept, d[k])
             elif size == 1:
                 ctx.freeze(
                     d[k],

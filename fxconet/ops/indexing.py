@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fxconet.ops.layout import Layout, SizeOf, is_tensor, norm_dim
+from fxconet.ops.layout import Block, Layout, SizeOf, is_tensor, norm_dim
 from fxconet.ops.registry import builtin
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ def _cat(ctx: RuleContext) -> Any:
         return ctx.opaque()
     n = ctx.out.dim()
     dim = norm_dim(dim, n)
-    parts: list[tuple[int, int, int]] = []
+    parts: list[Block] = []
     result: list[Layout | None] = [None] * n
     for t in tensors:
         d = ctx.dims(t)
@@ -40,10 +40,11 @@ def _cat(ctx: RuleContext) -> Any:
         for k in range(n):
             if k == dim:
                 continue
-            if result[k] is None:
+            kept = result[k]
+            if kept is None:
                 result[k] = d[k]
             else:
-                ctx.tie(result[k], d[k])
+                ctx.tie(kept, d[k])
         parts.extend(d[dim])
     result[dim] = tuple(parts)
     return tuple(r if r is not None else ctx.fixed(ctx.out.shape[i]) for i, r in enumerate(result))

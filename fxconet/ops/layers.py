@@ -112,6 +112,8 @@ def _conv_module(ctx: RuleContext) -> Any:
         return ctx.opaque()
     w = ctx.param("weight")
     b = ctx.param("bias")
+    if w is None:
+        return ctx.opaque(f"{ctx.describe()}: a convolution without a weight")
     spatial = len(m.kernel_size)
     out, lin, lout, mult = _conv_core(ctx, x, w, b, m.groups, spatial, transposed, m.stride)
     if mult is not None:
@@ -184,6 +186,8 @@ def _linear_module(ctx: RuleContext) -> Any:
         return ctx.opaque()
     w = ctx.param("weight")
     b = ctx.param("bias")
+    if w is None:
+        return ctx.opaque(f"{ctx.describe()}: a linear layer without a weight")
     ctx.tie(xd[-1], w[1])
     ctx.produce(w[0])
     if b is not None:
@@ -207,8 +211,9 @@ def _functional_linear(ctx: RuleContext) -> Any:
         return ctx.opaque()
     ctx.tie(xd[-1], w[1])
     ctx.produce(w[0])
-    if isinstance(bnode, torch.fx.Node) and ctx.dims(bnode) is not None:
-        ctx.tie(ctx.dims(bnode)[0], w[0])
+    bd = ctx.dims(bnode) if isinstance(bnode, torch.fx.Node) else None
+    if bd is not None:
+        ctx.tie(bd[0], w[0])
     ctx.raw_layer(wnode, bnode, "linear", xd[-1], w[0])
     return (*xd[:-1], w[0])
 
@@ -224,6 +229,8 @@ def _embedding(ctx: RuleContext) -> Any:
     if xd is None:
         return ctx.opaque()
     w = ctx.param("weight")
+    if w is None:
+        return ctx.opaque(f"{ctx.describe()}: an embedding without a weight")
     ctx.produce(w[1])
     ctx.role("weight", 1, "out")
     layer = ctx.layer("linear")

@@ -67,6 +67,7 @@ def _update_layer_norm(m: Any, size_of: SizeOf, notes: dict[str, Any]) -> None:
 @builtin(nn.LayerNorm, update=_update_layer_norm)
 def _layer_norm(ctx: RuleContext) -> Any:
     m = ctx.module
+    assert isinstance(m, nn.LayerNorm)  # the rule is registered for LayerNorm and subclasses
     x = ctx.arg(0, "input")
     xd = ctx.dims(x)
     if xd is None:
@@ -129,6 +130,7 @@ def _update_group_norm(m: Any, size_of: SizeOf, notes: dict[str, Any]) -> None:
 @builtin(nn.GroupNorm, update=_update_group_norm)
 def _group_norm(ctx: RuleContext) -> Any:
     m = ctx.module
+    assert isinstance(m, nn.GroupNorm)
     x = ctx.arg(0, "input")
     xd = ctx.dims(x)
     if xd is None or len(xd) < 2:
@@ -199,6 +201,7 @@ def _update_prelu(m: Any, size_of: SizeOf, notes: dict[str, Any]) -> None:
 @builtin(nn.PReLU, update=_update_prelu)
 def _prelu(ctx: RuleContext) -> Any:
     m = ctx.module
+    assert isinstance(m, nn.PReLU)
     x = ctx.arg(0, "input")
     xd = ctx.dims(x)
     if xd is None:
@@ -208,6 +211,8 @@ def _prelu(ctx: RuleContext) -> Any:
     if len(xd) < 2:
         return ctx.opaque()
     w = ctx.param("weight")
+    if w is None:
+        return ctx.opaque(f"{ctx.describe()}: PReLU without a weight")
     ctx.tie(w[0], xd[1])
     layer = ctx.layer("norm")
     layer.notes["layouts"] = (xd[1],)

@@ -228,10 +228,13 @@ def scoped() -> Iterator[None]:
         ...     fxconet.register_op(MySwish, "same")
         ...     graph = fxconet.analyze(model, x, leaf_modules=[MySwish])
     """
-    saved = (dict(_MODULES), dict(_FUNCTIONS), dict(_METHODS))
+    modules, functions, methods = dict(_MODULES), dict(_FUNCTIONS), dict(_METHODS)
     try:
         yield
     finally:
-        for table, old in zip((_MODULES, _FUNCTIONS, _METHODS), saved, strict=True):
-            table.clear()
-            table.update(old)
+        _MODULES.clear()
+        _MODULES.update(modules)
+        _FUNCTIONS.clear()
+        _FUNCTIONS.update(functions)
+        _METHODS.clear()
+        _METHODS.update(methods)

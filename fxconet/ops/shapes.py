@@ -245,8 +245,9 @@ def _permute(ctx: RuleContext) -> Any:
     if xd is None:
         return ctx.opaque()
     order, _ = _shape_args(ctx, 1)
-    if not order and "dims" in ctx.node.kwargs:
-        order = list(ctx.node.kwargs["dims"])
+    dims = ctx.node.kwargs.get("dims")
+    if not order and isinstance(dims, list | tuple):
+        order = list(dims)
     if len(order) != len(xd) or not all(isinstance(o, int) for o in order):
         return ctx.opaque()
     return tuple(xd[norm_dim(o, len(xd))] for o in order)

@@ -72,7 +72,10 @@ def _spatial_3d(ctx: RuleContext) -> Any:
 )  # fmt: skip
 def _pad_module(ctx: RuleContext) -> Any:
     """Padding modules pad only the trailing ``len(padding) // 2`` (spatial) dims."""
-    return _spatial(ctx, len(ctx.module.padding) // 2)
+    padding = getattr(ctx.module, "padding", None)
+    if not isinstance(padding, tuple | list):
+        return ctx.opaque(f"{ctx.describe()}: padding {padding!r} is not a tuple")
+    return _spatial(ctx, len(padding) // 2)
 
 
 @builtin(nn.PixelShuffle, F.pixel_shuffle)

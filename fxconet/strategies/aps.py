@@ -1433,7 +1433,7 @@ def aps_search(
                     supernet, choice_of(greedy), val_data, train_config, device
                 )
         phi, phi_rel = supernet.phi()
-        record = {
+        record: dict[str, Any] = {
             "trial": epoch,
             "phase": "search" if searching else "warmup",
             "lr": lr,
