@@ -31,7 +31,7 @@ def label_edges(solution: Solution) -> dict[tuple[str, str], EdgeKind]:
 
     Example:
         >>> graph = fxconet.analyze(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
-        >>> kinds = label_edges(graph.state)
+        >>> kinds = label_edges(solution_of(graph))
         >>> kinds[("x", "conv1")]
         <EdgeKind.CONV: 'conv'>
     """

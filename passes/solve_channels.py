@@ -547,7 +547,7 @@ def solve_channels(
 
     Args:
         traced: output of :func:`fxconet.passes.trace.trace_model` after
-            :func:`~fxconet.passes.trace.propagate_shapes`.
+            :func:`~fxconet.passes.shape_prop.propagate_shapes`.
         freeze: module paths or types whose input and output widths must not change.
         name: model name for the IR.
 

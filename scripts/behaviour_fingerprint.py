@@ -55,15 +55,26 @@ def analysis_record(graph: fxconet.ChannelGraph) -> dict[str, Any]:
     """Everything ``analyze`` reports about a model, as plain JSON."""
     return {
         "groups": [
-            [g.id, g.size, g.divisor, g.frozen, g.reason, list(g.producers), list(g.consumers),
-             list(g.layers), g.exact]
+            [
+                g.id,
+                g.size,
+                g.divisor,
+                g.frozen,
+                g.reason,
+                list(g.producers),
+                list(g.consumers),
+                list(g.layers),
+                g.exact,
+            ]
             for g in graph.groups
         ],  # fmt: skip
         "layers": [
             [i.path, i.kind, list(i.in_groups), list(i.out_groups), i.params] for i in graph.layers
         ],
         "notes": list(graph.notes),
-        "tensors": [[t.name, list(t.shape), t.channel_dim, list(t.groups)] for t in graph.tensors[:50]],
+        "tensors": [
+            [t.name, list(t.shape), t.channel_dim, list(t.groups)] for t in graph.tensors[:50]
+        ],
         "edges": [[e.src, e.dst, e.op, e.kind] for e in graph.edges[:50]],
     }
 
