@@ -20,10 +20,12 @@ from fxconet.errors import ChannelError
 from fxconet.ir import ChannelGraph
 from fxconet.passes.label_edges import label_edges
 from fxconet.passes.module_copy import to_meta
+from fxconet.passes.nodes import normalize_inputs
 from fxconet.passes.probe import probe_channels
 from fxconet.passes.resize_layers import ResizePlan, resize_layers
+from fxconet.passes.shape_prop import propagate_shapes
 from fxconet.passes.solve_channels import solve_channels
-from fxconet.passes.trace import normalize_inputs, propagate_shapes, trace_model
+from fxconet.passes.trace import trace_model
 
 __all__ = ["analyze", "kept_channels", "resize"]
 

@@ -57,6 +57,31 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+_SUFFIX = {"k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def _size_target(text: str) -> float | int:
+    """A budget: ``50%`` or ``0.5`` (a fraction of the model's), ``12M``, ``800k`` or
+    ``1500000`` (an absolute count)."""
+    t = text.strip().lower().replace("_", "")
+    try:
+        if t.endswith("%"):
+            value: float | int = float(t[:-1]) / 100
+        elif t[-1:] in _SUFFIX:
+            value = int(round(float(t[:-1]) * _SUFFIX[t[-1]]))
+        elif re.fullmatch(r"\d+", t):
+            value = int(t)
+        else:
+            value = float(t)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction (0.5, 50%) or a count (12M, 800k), got {text!r}"
+        ) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # flags from the methods' config dataclasses
 
@@ -246,6 +271,23 @@ def _build_parser(
         default=5,
         help="epochs to train the final model from scratch (5; 0 skips it)",
     )
+    opt.add_argument(
+        "--target-macs",
+        type=_size_target,
+        help="the final model's MACs: a fraction of the model's (0.5, 50%%) or a count (12M); "
+        "the method's widths are projected onto it (default: the method decides)",
+    )
+    opt.add_argument(
+        "--target-params",
+        type=_size_target,
+        help="the final model's parameters, the same way (default: the method decides)",
+    )
+    opt.add_argument(
+        "--budget-tolerance",
+        type=float,
+        default=0.02,
+        help="how far the final cost may be from the target, as a fraction of it (0.02)",
+    )
     opt.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (0.1)")
     opt.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (128)")
     opt.add_argument("--max-batches", type=_positive_int, help="cap batches per epoch (demos)")
@@ -309,6 +351,9 @@ def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> in
         "device": args.device,
         "max_batches_per_epoch": args.max_batches,
         "data_dir": args.data_dir,
+        "target_macs": args.target_macs,
+        "target_params": args.target_params,
+        "budget_tolerance": args.budget_tolerance,
         "log": tqdm.write,  # above the progress bars
         **method_options,
     }

@@ -75,6 +75,7 @@ from fxconet.errors import MetricsError
 from fxconet.ir import ChannelGraph, LayerInfo
 
 __all__ = [
+    "AGGREGATIONS",
     "LAYER_KINDS",
     "METRIC_NAMES",
     "EVBMFResult",
@@ -111,6 +112,8 @@ _EVAL_ELEMENTS = 1 << 18
 #: ``LayerMetrics.kind`` values, and the per-epoch series a :class:`RankTracker` stores.
 LAYER_KINDS = ("conv", "linear", "conv_transpose", "depthwise")
 METRIC_NAMES = ("in_rank", "out_rank", "in_condition", "out_condition", "in_gain", "out_gain")
+#: how :class:`RankTracker` averages a channel group's rank terms
+AGGREGATIONS = ("robust", "reference")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1167,6 +1170,13 @@ class RankTracker:
       reference's choice; the paper says "average").
     * ``S_g = rank_slope(R_bar_g)`` (Eq. 3 with ``t1 = 0``, ``t2 = argmax``).
 
+    With ``aggregation="robust"`` (the default), a group's terms leave out unfoldings that
+    cannot show its rank: those *structurally capped* (an ``N x M`` unfolding with ``M < N`` has
+    rank at most ``M / N``: a 1x1 shortcut conv that doubles the width, the classifier's input
+    side) and those *degenerate* in the trial (rank 0 at every epoch), unless that leaves no
+    term. On ResNets these are the stem, the 1x1 shortcut convs and the classifier, which the
+    paper's code leaves out of its groups too; ``aggregation="reference"`` keeps every term.
+
     With ``reference=True`` metrics use the reference EVBMF, and an unfolding where the reference
     would have raised takes the previous epoch's rank, condition and gain of the same layer (0 at
     the first epoch), as its ``try/except`` does.
@@ -1175,6 +1185,7 @@ class RankTracker:
         model: the module whose conv and Linear layers are measured.
         graph: the model's channel graph (needed only for the ``group_*`` methods).
         reference: reference-mode EVBMF, fallback and slope.
+        aggregation: ``"robust"`` or ``"reference"`` (see above).
 
     Example:
         >>> import torch.nn as nn
@@ -1187,11 +1198,21 @@ class RankTracker:
     """
 
     def __init__(
-        self, model: nn.Module, graph: ChannelGraph | None = None, *, reference: bool = False
+        self,
+        model: nn.Module,
+        graph: ChannelGraph | None = None,
+        *,
+        reference: bool = False,
+        aggregation: str = "robust",
     ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise MetricsError(
+                f"aggregation={aggregation!r}: choose one of {', '.join(AGGREGATIONS)}"
+            )
         self.model = model
         self.graph = graph
         self.reference = reference
+        self.aggregation = aggregation
         self._info: dict[str, dict[str, Any]] = {}
         self._history: dict[str, dict[str, list[float]]] = {}
         self._epochs = 0
@@ -1315,10 +1336,36 @@ class RankTracker:
         terms: dict[int, list[tuple[str, str]]] = {}
         for g in graph.groups:
             exact = _terms(conv_like, g.id, lambda groups, gid: groups == (gid,))
-            terms[g.id] = exact or _terms(
+            found = exact or _terms(
                 conv_like, g.id, lambda groups, gid: len(groups) > 1 and gid in groups
             )
+            if self.aggregation == "robust":
+                found = [t for t in found if not self._uninformative(t)] or found
+            terms[g.id] = found
         return terms
+
+    def _uninformative(self, term: tuple[str, str]) -> bool:
+        """A structurally capped unfolding, or one at rank 0 in every epoch of the trial."""
+        path, side = term
+        if not any(self._history[path][f"{side}_rank"]):
+            return True
+        rows, cols = _unfolding_shape(self._info[path]["kind"], self._info[path]["shape"], side)
+        return cols < rows
+
+    def excluded_terms(self, graph: ChannelGraph | None = None) -> dict[int, list[str]]:
+        """Per group, the ``path:side`` terms the robust aggregation leaves out this trial."""
+        self._need_epochs()
+        saved = self.aggregation
+        try:
+            self.aggregation = "reference"
+            every = self._group_terms(graph)
+            self.aggregation = "robust"
+            kept = self._group_terms(graph)
+        finally:
+            self.aggregation = saved
+        return {
+            g: [f"{p}:{s}" for p, s in ts if (p, s) not in kept[g]] for g, ts in every.items()
+        }
 
     def group_series(self, graph: ChannelGraph | None = None) -> dict[int, np.ndarray]:
         """``R_bar_g`` per epoch for every group id (all-NaN for a group with no term)."""
@@ -1354,6 +1401,7 @@ class RankTracker:
         return {
             "version": 1,
             "reference": self.reference,
+            "aggregation": self.aggregation,
             "epochs": self._epochs,
             "layers": [
                 {"path": path, **self._info[path], **{k: list(v) for k, v in hist.items()}}
@@ -1379,7 +1427,12 @@ class RankTracker:
         """
         if data.get("version") != 1:
             raise MetricsError(f"RankTracker data version={data.get('version')!r}: expected 1")
-        tracker = cls(model, graph, reference=bool(data["reference"]))
+        tracker = cls(
+            model,
+            graph,
+            reference=bool(data["reference"]),
+            aggregation=str(data.get("aggregation", "robust")),
+        )
         epochs = int(data["epochs"])
         for layer in data["layers"]:
             hist = {name: [float(v) for v in layer[name]] for name in METRIC_NAMES}
@@ -1398,6 +1451,15 @@ class RankTracker:
             f"RankTracker({len(self._history)} layers, epochs={self._epochs}, "
             f"reference={self.reference})"
         )
+
+
+def _unfolding_shape(kind: str, shape: Sequence[int], side: str) -> tuple[int, int]:
+    """``(rows, cols)`` of a weight's input or output unfolding (rows: that side's channels)."""
+    n_in, n_out = (shape[0], shape[1]) if kind == "conv_transpose" else (shape[1], shape[0])
+    rest = math.prod(shape[2:])
+    rows = n_in if side == "in" else n_out
+    cols = (n_out if side == "in" else n_in) * rest
+    return rows, cols
 
 
 def _terms(

@@ -24,11 +24,11 @@ from torch import nn
 from fxconet import data as data_mod
 from fxconet import train as train_mod
 from fxconet.api import analyze, resize
-from fxconet.cost import CostModel, count_params
+from fxconet.cost import Budget, CostModel, Projection, count_params, fit_budget
 from fxconet.errors import SearchError
 from fxconet.ir import ChannelGraph
 from fxconet.report import before_after_table, write_report
-from fxconet.strategies import SearchContext, get_method
+from fxconet.strategies import SearchContext, SearchOutcome, get_method
 
 __all__ = [
     "COMMON_OPTIONS",
@@ -43,7 +43,7 @@ COMMON_OPTIONS = frozenset(
     {
         "out", "resume", "seed", "progress", "epochs", "init", "train_config", "train_fn",
         "test_data", "val_fraction", "leaf_modules", "concrete_args", "freeze", "data_dir",
-        "augment", "log",
+        "augment", "log", "target_macs", "target_params", "budget_tolerance",
     }
 )  # fmt: skip
 #: the built-in loop's settings given as options: every :class:`~fxconet.train.TrainConfig`
@@ -166,6 +166,14 @@ def optimize_channels(
         val_fraction (0.1): held-out part of the training data for per-trial validation.
         data_dir, augment: for named datasets. leaf_modules, concrete_args, freeze: as for
             :func:`analyze`.
+        target_macs, target_params: the final model's size: a float is a fraction of the
+            model's (``target_macs=0.5``), an int an absolute count. The method's widths are
+            projected onto it when they miss it (one global factor by bisection over the cost
+            model, then single-group steps; :func:`fxconet.cost.fit_budget`); APS also aims its
+            reward and its final pick at the MACs target. budget_tolerance (0.02): how far the
+            final cost may be from the target (fraction of the target). Without a target the
+            method decides the size (CONet grows or shrinks as the paper does); the report's
+            ``size`` entry says how it changed.
 
     The method's own options are the fields of its config dataclass:
     :class:`~fxconet.strategies.conet.ConetConfig` (delta, mu, gamma, phi, trials,
@@ -193,6 +201,11 @@ def optimize_channels(
         )
     seed = int(options.get("seed", 0))
     config = spec.make_config(options, seed=seed)  # checks the method's options first
+    budget = Budget(
+        macs=options.get("target_macs"),
+        params=options.get("target_params"),
+        tolerance=float(options.get("budget_tolerance", 0.02)),
+    )
     progress = bool(options.get("progress", True))
     epochs = int(options.get("epochs", 0))
     out = Path(options["out"]) if options.get("out") is not None else None
@@ -226,6 +239,9 @@ def optimize_channels(
         concrete_args=options.get("concrete_args"),
         freeze=options.get("freeze", ()),
     )
+    cost = CostModel(graph)
+    if budget.active:
+        budget.targets(cost)  # checks the targets against the model before any training
     ctx = SearchContext(
         model=model,
         graph=graph,
@@ -240,11 +256,13 @@ def optimize_channels(
         seed=seed,
         progress=progress,
         log=options.get("log"),
+        budget=budget,
+        cost=cost,
     )
     started = time.perf_counter()
     outcome = spec.run(ctx)
     seconds = time.perf_counter() - started
-    widths = outcome.widths
+    widths, projection = _meet_budget(cost, outcome, budget)
     init = options.get("init") or ("reset" if epochs > 0 else "inherit")
     if init not in ("reset", "inherit", "search"):
         raise ValueError(f"init={init!r}: choose reset, inherit or search")
@@ -269,7 +287,11 @@ def optimize_channels(
         )
         if test_data is not None:
             accuracy = train_mod.evaluate(final, test_data).accuracy
-    cost = CostModel(graph)
+    extra = dict(outcome.extra)
+    extra["size"] = _size_change(cost, widths, count_params(model), count_params(final))
+    if budget.active:
+        assert projection is not None
+        extra["budget"] = {**budget.to_dict(), **projection.to_dict()}
     result = OptimizeResult(
         model=final,
         widths={g.id: widths.get(g.id, g.size) for g in graph.free},
@@ -288,14 +310,55 @@ def optimize_channels(
             "epochs": epochs,
             "init": init,
             "train": train_config.to_dict(),
+            "budget": budget.to_dict() if budget.active else None,
             method: outcome.config,
         },
-        extra=dict(outcome.extra),
+        extra=extra,
     )
     if out is not None:
         path = write_report(result.report(), out)
         result = dataclasses.replace(result, report_path=path)
     return result
+
+
+def _meet_budget(
+    cost: CostModel, outcome: SearchOutcome, budget: Budget
+) -> tuple[dict[int, int], Projection | None]:
+    """The final widths: the method's, or, with a budget they miss, its allocation projected
+    onto the budget by :func:`fxconet.cost.fit_budget`."""
+    if not budget.active:
+        return dict(outcome.widths), None
+    allocation = outcome.allocation or {k: float(v) for k, v in outcome.widths.items()}
+    params, macs = cost.evaluate(outcome.widths, check=False)
+    targets = budget.targets(cost)
+    reached = {"macs": macs, "params": params}
+    errors = {k: reached[k] / t - 1.0 for k, t in targets.items()}
+    binding = max(errors, key=lambda k: errors[k])
+    if all(abs(e) <= budget.tolerance for e in errors.values()):
+        # the method met the budget itself (APS aims at its MACs target): keep its widths
+        own = Projection(
+            widths=dict(outcome.widths),
+            factor=1.0,
+            macs=macs,
+            params=params,
+            targets=targets,
+            binding=binding,
+            error=errors[binding],
+            within_tolerance=True,
+        )
+        return dict(outcome.widths), own
+    projection = fit_budget(cost, allocation, budget)
+    return dict(projection.widths), projection
+
+
+def _size_change(
+    cost: CostModel, widths: dict[int, int], params_before: int, params_after: int
+) -> dict[str, float]:
+    """How the method changed the model's size (``after / before``)."""
+    return {
+        "params_ratio": params_after / params_before if params_before else float("nan"),
+        "macs_ratio": cost.macs(widths) / cost.macs_before if cost.macs_before else float("nan"),
+    }
 
 
 def _example_from(dataset: Any) -> torch.Tensor:

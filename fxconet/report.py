@@ -138,13 +138,40 @@ def before_after_table(report: Mapping[str, Any], group_sizes: Mapping[int, int]
         rows.append(
             ("test accuracy", fmt(report.get("baseline_accuracy")), fmt(report.get("accuracy")))
         )
+    budget = report.get("budget")
+    if budget:
+        binding = budget["binding"]
+        target = budget["targets"][binding]
+        state = "within" if budget["within_tolerance"] else "OUTSIDE"
+        rows.append(
+            (
+                f"budget ({binding})",
+                fmt(target),
+                f"{fmt(budget[binding])} ({budget['error']:+.1%}, {state} "
+                f"{budget['tolerance']:.0%})",
+            )
+        )
     widths = {int(k): v for k, v in report["widths"].items()}
     changed = [(g, group_sizes[g], w) for g, w in sorted(widths.items()) if group_sizes.get(g) != w]
+    names = {g["id"]: g.get("producers") or [] for g in report.get("groups", [])}
     for gid, before, after in changed:
-        rows.append((f"group {gid}", str(before), str(after)))
+        producers = names.get(gid, [])
+        label = f"group {gid}" + (f" ({_abbrev(producers)})" if producers else "")
+        rows.append((label, str(before), str(after)))
     unchanged = len(widths) - len(changed)
     if unchanged:
         rows.append((f"{unchanged} groups", "unchanged", ""))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
-    return "\n".join(f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in rows)
+    lines = [f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip() for a, b, c in rows]
+    size = report.get("size")
+    if size and not budget:
+        lines.append(
+            f"no budget: the method changed the parameters x{size['params_ratio']:.2f} and the "
+            f"MACs x{size['macs_ratio']:.2f} (target_macs= / --target-macs fixes a size)"
+        )
+    return "\n".join(lines)
+
+
+def _abbrev(items: Sequence[str], n: int = 2) -> str:
+    return ", ".join(items[:n]) + (f", +{len(items) - n}" if len(items) > n else "")

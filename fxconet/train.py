@@ -44,7 +44,7 @@ __all__ = [
     "train",
 ]
 
-SCHEDULES = ("step", "cosine", "constant")
+SCHEDULES = ("step", "cosine", "constant", "adas")
 
 EpochCallback = Callable[[int, nn.Module], None]
 """``on_epoch_end(epoch, model)``: called after each epoch's last optimiser step, epochs from 0."""
@@ -121,9 +121,12 @@ class TrainConfig:
         weight_decay: L2 penalty on every parameter (BN included, as both papers do), >= 0.
         nesterov: Nesterov momentum (needs ``momentum > 0``).
         schedule: ``"step"`` (times ``gamma`` every ``step_size`` epochs), ``"cosine"``
-            (``lr * (1 + cos(pi * epoch / epochs)) / 2``) or ``"constant"``.
+            (``lr * (1 + cos(pi * epoch / epochs)) / 2``), ``"constant"``, or ``"adas"``
+            (a learning rate per layer from its knowledge gain, :class:`AdaS`; CONet's
+            search optimiser).
         step_size: epochs between decays of the step schedule, >= 1.
         gamma: decay factor of the step schedule, in (0, 1].
+        adas_beta: AdaS's gain factor ``beta`` in [0, 1) (its paper and CONet's code: 0.8).
         batch_size: batch size when the loop builds the DataLoader itself, >= 1.
         label_smoothing: cross-entropy label smoothing in [0, 1).
         seed: seeds the data order, augmentation and any dropout; the run is reproducible.
@@ -145,6 +148,7 @@ class TrainConfig:
     schedule: str = "cosine"
     step_size: int = 25
     gamma: float = 0.5
+    adas_beta: float = 0.8
     batch_size: int = 128
     label_smoothing: float = 0.0
     seed: int = 0
@@ -162,6 +166,7 @@ class TrainConfig:
             ("schedule", self.schedule in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
             ("step_size", self.step_size >= 1, "must be >= 1"),
             ("gamma", 0 < self.gamma <= 1, "must be in (0, 1]"),
+            ("adas_beta", 0 <= self.adas_beta < 1, "must be in [0, 1)"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
             (
@@ -195,6 +200,7 @@ class TrainConfig:
         )
 
     def _factor(self, epoch: int) -> float:
+        """The schedule's factor of ``lr`` in ``epoch`` (AdaS: 1, its rates are per layer)."""
         if self.schedule == "step":
             return self.gamma ** (epoch // self.step_size)
         if self.schedule == "cosine":
@@ -305,6 +311,110 @@ def _rng_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
+class AdaS:
+    """AdaS (Hosseini & Plataniotis, "AdaS: Adaptive Scheduling of Stochastic Gradients",
+    2020): a learning rate per layer, driven by how fast the layer's *knowledge gain* grows.
+
+    After every epoch ``e``, for every conv or linear layer ``l`` with mean knowledge gain
+    ``G_l(e)`` (the mean of its input and output unfoldings' gains, :mod:`fxconet.metrics`)::
+
+        v_l = lr                      (e = 0)
+        v_l = G_l(e) - G_l(e - 1)     (e >= 1)
+        R_l = beta * R_l + v_l        (R_l = 0 before the first epoch)
+        lr_l = max(R_l, 1e-20)        (the rate of the next epoch)
+
+    so a layer keeps learning while its gain rises and its rate decays by ``beta`` per epoch
+    once the gain stalls (this is the published update with ``zeta = 1``, as CONet's code runs
+    it: ``beta = 0.8``, momentum 0.9, weight decay 5e-4, initial ``lr`` 0.03 for ResNets).
+
+    A layer's rate also applies to the parameters of the modules registered after it up to the
+    next conv or linear layer (its BatchNorm). Deviation from CONet's code: a linear layer
+    uses its own gain (the code gives the classifier the last conv layer's output gain).
+
+    Args:
+        model: the network (its conv and linear layers in registration order).
+        lr: the initial rate of every layer.
+        beta: the gain factor.
+        min_lr: the smallest rate.
+
+    Example:
+        >>> adas = AdaS(model, lr=0.03)
+        >>> opt = torch.optim.SGD(adas.param_groups(), lr=0.03, momentum=0.9)
+        >>> ...                                   # one epoch of training
+        >>> adas.step(opt)                        # per-layer rates for the next epoch
+    """
+
+    def __init__(
+        self, model: nn.Module, *, lr: float, beta: float = 0.8, min_lr: float = 1e-20
+    ) -> None:
+        self.model = model
+        self.lr = lr
+        self.beta = beta
+        self.min_lr = min_lr
+        self.epoch = 0
+        self._groups = _layer_param_groups(model)
+        self._velocity: dict[str, float] = {path: 0.0 for path in self._groups}
+        self._gain: dict[str, float] = {}
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers with a rate of their own, in order."""
+        return list(self._groups)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups: one per layer (``"layer"`` names it)."""
+        return [
+            {"params": params, "lr": self.lr, "layer": path}
+            for path, params in self._groups.items()
+        ]
+
+    def rates(self) -> dict[str, float]:
+        """The current rate of every layer."""
+        return {p: max(r, self.min_lr) for p, r in self._velocity.items()}
+
+    def step(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Measure the gains after an epoch and set every layer's rate for the next one."""
+        from fxconet.metrics import layer_metrics  # scipy: loaded on first use
+
+        gains = {m.path: 0.5 * (m.in_gain + m.out_gain) for m in layer_metrics(self.model)}
+        for path in self._groups:
+            gain = gains.get(path, 0.0)
+            v = self.lr if self.epoch == 0 else gain - self._gain.get(path, 0.0)
+            self._velocity[path] = self.beta * self._velocity[path] + v
+            self._gain[path] = gain
+        self.epoch += 1
+        rates = self.rates()
+        for group in optimizer.param_groups:
+            if group.get("layer") in rates:
+                group["lr"] = rates[group["layer"]]
+        return rates
+
+
+def _layer_param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Parameters by the conv/linear layer that owns them or precedes their module."""
+    groups: dict[str, list[nn.Parameter]] = {}
+    leading: list[nn.Parameter] = []
+    seen: set[int] = set()
+    current: str | None = None
+    for path, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+            current = path or "<root>"
+            groups.setdefault(current, [])
+        if not own:
+            continue
+        if current is None:
+            leading.extend(own)
+        else:
+            groups[current].extend(own)
+    if not groups:
+        return {"<all>": leading}
+    first = next(iter(groups))
+    groups[first] = leading + groups[first]
+    return groups
+
+
 def train(
     model: nn.Module,
     data: Dataset | DataLoader | str,
@@ -357,7 +467,8 @@ def train(
     if val_data is not None:
         val_loader = as_loader(val_data, batch_size=256, split="test", seed=config.seed)
     model.to(device)
-    optimizer = config.sgd(model.parameters())
+    adas = AdaS(model, lr=config.lr, beta=config.adas_beta) if config.schedule == "adas" else None
+    optimizer = config.sgd(adas.param_groups() if adas is not None else model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config._factor)
     limit = config.max_batches_per_epoch
     try:
@@ -370,7 +481,11 @@ def train(
         torch.manual_seed(config.seed)
         for epoch in range(config.epochs):
             start = time.perf_counter()
-            record["lr"].append(optimizer.param_groups[0]["lr"])
+            record["lr"].append(
+                float(np.mean([g["lr"] for g in optimizer.param_groups]))
+                if adas is not None
+                else optimizer.param_groups[0]["lr"]
+            )
             model.train()
             # Sums stay on the device: no host sync per batch unless a progress bar shows them.
             loss_sum = torch.zeros((), device=device)
@@ -404,7 +519,10 @@ def train(
                 raise DataError("training data yielded no batch (empty dataset or drop_last?)")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
-            scheduler.step()
+            if adas is not None:
+                adas.step(optimizer)
+            else:
+                scheduler.step()
             record["train_loss"].append(loss_sum.item() / seen)
             record["train_accuracy"].append(correct.item() / seen)
             if val_loader is not None:

@@ -131,6 +131,22 @@ class SolutionView:
 
         return size_of
 
+    def size_form(self, layout: Layout) -> tuple[int, dict[int, int]]:
+        """A layout's size as a linear form in the groups' slots: ``(constant, {group id:
+        coefficient})``, so its size for widths ``w`` is ``constant + sum(coef * w[g] //
+        divisor[g])``."""
+        solution = self._solution
+        slots = solution.slots
+        const = 0
+        coef: dict[int, int] = {}
+        for b in slots.expand(layout):
+            g = solution.group_of.get(b.var)
+            if g is None:
+                const += b.outer * slots.size[b.var] * b.inner
+            else:
+                coef[g] = coef.get(g, 0) + b.outer * b.inner
+        return const, coef
+
     def cost_terms(self) -> CostTerms:
         """The terms parameters and MACs are sums of (see :class:`CostTerms`)."""
         solution = self._solution

@@ -38,12 +38,13 @@ def state(width: int = 32, **kw) -> dict[int, GroupState]:
     ],
 )
 def test_decision_rule(slope, kappa, width, op, new):
-    s, actions = decide(state(width), {0: slope}, {0: kappa}, ConetConfig())
+    paper = ConetConfig(delta=0.0075, slope="epoch")  # the code's per-epoch default
+    s, actions = decide(state(width), {0: slope}, {0: kappa}, paper)
     assert actions[0] == op and s[0].width == new and s[0].phi == 0.2
 
 
 def test_oscillation_halves_phi_until_the_group_converges():
-    cfg = ConetConfig()
+    cfg = ConetConfig(delta=0.0075, slope="epoch")
     s = state(64)
     phis, ops = [], []
     for k in range(12):

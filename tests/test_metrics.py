@@ -742,9 +742,9 @@ def net_graph() -> ChannelGraph:
     return ChannelGraph(groups=groups, layers=layers, model_name="Net")
 
 
-def train_epochs(model: Net, ranks: list[int]) -> RankTracker:
+def train_epochs(model: Net, ranks: list[int], aggregation: str = "robust") -> RankTracker:
     """Simulate training: before each epoch's update, plant rank ranks[t] in every layer."""
-    tracker = RankTracker(model, net_graph())
+    tracker = RankTracker(model, net_graph(), aggregation=aggregation)
     for t, r in enumerate(ranks):
         for i, mod in enumerate(model.children()):
             _plant(mod.weight, 0, 1, r, seed=10 * t + i)
@@ -771,7 +771,7 @@ def test_tracker_records_every_epoch_and_layer_slopes():
 
 def test_tracker_groups_average_producer_out_and_consumer_in_ranks():
     model = Net()
-    tracker = train_epochs(model, [1, 3, 2])
+    tracker = train_epochs(model, [1, 3, 2], aggregation="reference")
     series = tracker.group_series()
     s = tracker.series
     # g0: out(a), in(b), in(c), in(f)
@@ -797,6 +797,31 @@ def test_tracker_groups_average_producer_out_and_consumer_in_ranks():
     last = (s("d", "out_condition")[-1] + s("e", "in_condition")[-1]) / 2
     assert conds[3] == pytest.approx(last)
     assert math.isnan(conds[8])
+
+
+def test_robust_aggregation_leaves_out_capped_and_degenerate_unfoldings():
+    model = Net()
+    tracker = train_epochs(model, [1, 3, 2])  # robust, the default
+    series, s = tracker.group_series(), tracker.series
+    # g0: c is a 1x1 conv 16 -> 12: its input unfolding (16 x 12) has rank <= 12/16: left out
+    want0 = (s("a", "out_rank") + s("b", "in_rank") + s("f", "in_rank")) / 3
+    np.testing.assert_allclose(series[0], want0)
+    # g3: the linear head's input unfolding (20 x 10) is capped at 10/20: only out(d) is left
+    np.testing.assert_allclose(series[3], s("d", "out_rank"))
+    excluded = tracker.excluded_terms()
+    assert excluded[0] == ["c:in"] and excluded[3] == ["e:in"] and excluded[1] == []
+    # a term at rank 0 in every epoch of the trial is left out too, unless it is the only one
+    with torch.no_grad():
+        model.f.weight.zero_()
+    zero = RankTracker(model, net_graph())
+    for _ in range(2):
+        zero.update()
+    assert "f:in" in zero.excluded_terms()[0]
+    assert zero.excluded_terms()[5] == []  # out(f) is g5's only term: kept
+    reference = train_epochs(Net(), [1, 3, 2], aggregation="reference")
+    assert reference.excluded_terms()[0] == ["c:in"]  # what robust would leave out
+    with pytest.raises(MetricsError, match="aggregation"):
+        RankTracker(model, net_graph(), aggregation="mean")
 
 
 def test_tracker_group_queries_need_a_matching_graph():

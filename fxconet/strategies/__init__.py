@@ -53,6 +53,9 @@ class SearchContext:
         out: folder for checkpoints (``trial_*`` files), or None.
         resume: continue from the checkpoints in ``out``.
         seed: the run's seed. progress: show progress bars. log: one-line progress messages.
+        budget: the user's target size (:class:`fxconet.cost.Budget`; ``optimize_channels``
+            projects the method's widths onto it afterwards, a method may also aim at it).
+        cost: the model's :class:`fxconet.cost.CostModel`.
     """
 
     model: nn.Module
@@ -68,6 +71,8 @@ class SearchContext:
     seed: int = 0
     progress: bool = True
     log: Callable[[str], None] | None = None
+    budget: Any = None
+    cost: Any = None
 
 
 @dataclass
@@ -81,6 +86,8 @@ class SearchOutcome:
         init_state: optional state dict for the final model, used with ``init="search"``
             (e.g. APS weights decoded from its meta-weights).
         config: the resolved method configuration (for the report).
+        allocation: the method's widths before rounding, when it has them (a budget projects
+            these instead of ``widths``).
     """
 
     widths: dict[int, int]
@@ -88,6 +95,7 @@ class SearchOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
     init_state: dict[str, torch.Tensor] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[int, float] | None = None
 
 
 def _load(spec: str) -> Any:
@@ -156,7 +164,13 @@ METHODS: dict[str, Method] = {
         "uniform",
         "fxconet.strategies.static:run_uniform",
         "fxconet.strategies.static:UniformConfig",
-        summary="every free width times one factor",
+        summary="every free width times one factor (compound scaling)",
+    ),
+    "random": Method(
+        "random",
+        "fxconet.strategies.static:run_random",
+        "fxconet.strategies.static:RandomConfig",
+        summary="a random factor per group (the sanity check of any search)",
     ),
     "aps": Method(
         "aps",

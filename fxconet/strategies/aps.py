@@ -4,7 +4,7 @@ model's channel groups.
 **Supernet.** The model is resized (:func:`fxconet.resize`) to the *meta widths*; the parameters
 of that model are the meta-weights ``W``. Every dim of every parameter that carries a free
 channel group is rewritten per candidate by a matrix, following the solver's slot layouts
-(``graph.state.params[...].dims``: blocks ``(outer, slot, inner)``, see ``passes/slots.py``):
+(:meth:`fxconet.passes.view.SolutionView.tensors`: blocks ``(outer, slots, inner)`` of groups):
 
 * conv / linear / transposed conv / depthwise weights (and their biases): ``P`` on the "out"
   dim and ``Q`` on the "in" dim, one ``[meta x c]`` matrix per (layer, dim, group, candidate),
@@ -20,8 +20,9 @@ channel group is rewritten per candidate by a matrix, following the solver's slo
   independent sharing), never in the sharing level.
 
 A sampled architecture runs as ``torch.func.functional_call`` of a weight-less skeleton
-GraphModule of its widths (built on ``meta`` tensors by the resize machinery, so ``view``/
-``split`` literals and depthwise ``groups`` are rewritten) with the effective tensors above.
+GraphModule of its widths (built on ``meta`` tensors by the resize machinery and verified by
+its epilogue, so ``view``/``split`` literals and depthwise ``groups`` are rewritten) with the
+effective tensors above.
 Skeletons are LRU-cached by what a forward reads of the widths (rewritten literals and module
 attributes other than channel counts), so all architectures of a ResNet share one. Measured on
 ResNet-20 at batch 128 with one thread on a busy 2-core machine: a training step takes 0.35 s
@@ -94,7 +95,7 @@ Where this follows the paper, the reference code (``shared/reference/aps.md``) o
     (0.1, -0.1), symmetric around the target; the reference's (0, -0.1) does not penalise small
     models, and when the supernet's accuracies are still near chance (APS-I early on) the policy
     then drifts to the smallest architectures, far from the target that the final pick is
-    closest to. FLOPs are MACs from the IR (:func:`~fxconet.passes.resize_layers.predict_macs`:
+    closest to. FLOPs are MACs from the IR (:class:`~fxconet.cost.CostModel`:
     every conv and linear, shortcuts and classifier included; the reference's CIFAR table
     leaves them out). Without validation data the training batch gives the reward (reference
     ImageNet). Each controller step samples ``reward_samples`` = 4 architectures, rewards them
@@ -1591,17 +1592,24 @@ def _cuda(device: torch.device) -> list[int]:
 
 
 def run(ctx: SearchContext) -> SearchOutcome:
-    """``method="aps"`` for :func:`fxconet.optimize_channels`.
+    """``method="aps"`` for :func:`fxconet.optimize_channels`. A MACs budget
+    (``target_macs=``) becomes the search's ``flops_target`` and its tolerance the final
+    pick's ``flops_tolerance``.
 
     Example:
         >>> result = fxconet.optimize_channels(fxconet.models.cifar_resnet20(in_channels=1),
-        ...                                    data="digits", method="aps", flops_target=0.5)
+        ...                                    data="digits", method="aps", target_macs=0.5)
         >>> result.macs_after / result.macs_before    # about 0.5
     """
+    config: ApsConfig = ctx.config
+    budget, cost = ctx.budget, ctx.cost
+    if budget is not None and budget.macs is not None and cost is not None:
+        target = budget.targets(cost)["macs"] / cost.macs_before
+        config = replace(config, flops_target=target, flops_tolerance=budget.tolerance)
     return aps_search(
         ctx.model,
         ctx.graph,
-        ctx.config,
+        config,
         train_data=ctx.train_data,
         val_data=ctx.val_data,
         train_config=ctx.train_config,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +30,10 @@ from fxconet.strategies import SearchContext, SearchOutcome
 from fxconet.train import run_training
 
 __all__ = [
+    "RandomConfig",
     "StaticConfig",
     "UniformConfig",
+    "random_allocation",
     "group_output_ranks",
     "run",
     "run_uniform",
@@ -88,14 +91,18 @@ def static_widths(
         if model is None:
             raise ValueError("static_widths needs a trained model or ranks")
         ranks = group_output_ranks(graph, layer_metrics(model, reference=reference))
-    widths = {}
+    divisors = {g.id: g.divisor for g in graph.free}
+    return {gid: round_width(a, divisors[gid]) for gid, a in _eq4(graph, scale, ranks).items()}
+
+
+def _eq4(graph: ChannelGraph, scale: float, ranks: Mapping[int, float]) -> dict[int, float]:
+    """Eq. 4 before rounding, per free group (a group without a measured rank keeps its
+    width)."""
+    out = {}
     for g in graph.free:
         o = ranks.get(g.id, float("nan"))
-        if math.isnan(o):
-            widths[g.id] = g.size
-            continue
-        widths[g.id] = round_width(g.size * (o + (1.0 - scale) * (1.0 - o)), g.divisor)
-    return widths
+        out[g.id] = float(g.size) if math.isnan(o) else g.size * (o + (1.0 - scale) * (1.0 - o))
+    return out
 
 
 def uniform_widths(graph: ChannelGraph, phi: float) -> dict[int, int]:
@@ -167,20 +174,36 @@ class UniformConfig:
     """Settings of uniform (compound) scaling.
 
     Attributes:
-        phi: every free width times ``phi`` (> 0).
-        target_params: instead of ``phi``, the ``phi`` whose model has about this many
-            parameters.
+        phi: every free width times ``phi`` (> 0); with a budget (``target_macs=``,
+            ``target_params=``) the factor that meets it instead.
     """
 
     phi: float = 0.5
-    target_params: int | None = None
 
     def __post_init__(self) -> None:
         if not self.phi > 0:
             raise ValueError(f"UniformConfig.phi={self.phi!r}: must be > 0")
-        if self.target_params is not None and self.target_params <= 0:
+
+
+@dataclass(frozen=True)
+class RandomConfig:
+    """Settings of the random allocation (the sanity check every search should beat).
+
+    Attributes:
+        low, high: every free group's width times a factor drawn log-uniformly from
+            ``[low, high]`` (seeded by the run's seed); with a budget, the allocation is then
+            projected onto it like any method's.
+        seed: seeds the draw.
+    """
+
+    low: float = 0.25
+    high: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low <= self.high:
             raise ValueError(
-                f"UniformConfig.target_params={self.target_params!r}: must be None or > 0"
+                f"RandomConfig.low={self.low!r}: need 0 < low <= high (high={self.high!r})"
             )
 
 
@@ -192,8 +215,8 @@ def run(ctx: SearchContext) -> SearchOutcome:
     scale, reference, epochs = cfg.scale, cfg.reference_metrics, cfg.baseline_epochs
     config = asdict(cfg)
     if epochs <= 0:
-        widths = static_widths(ctx.graph, ctx.model, scale=scale, reference=reference)
-        return SearchOutcome(widths=widths, config=config)
+        ranks = group_output_ranks(ctx.graph, layer_metrics(ctx.model, reference=reference))
+        return _static_outcome(ctx.graph, scale, ranks, [], config)
     if ctx.train_data is None and ctx.train_fn is None:
         raise ValueError("baseline_epochs > 0 needs data= (or a train_fn) to train the baseline")
     torch.manual_seed(ctx.seed)
@@ -210,20 +233,55 @@ def run(ctx: SearchContext) -> SearchOutcome:
     )
     max_out = {p: float(max(tracker.series(p, "out_rank"))) for p in tracker.paths}
     ranks = group_output_ranks(ctx.graph, max_out)
-    widths = static_widths(ctx.graph, scale=scale, ranks=ranks)
     history = [
         {"baseline_max_out_rank": max_out, "group_ranks": {str(k): v for k, v in ranks.items()}}
     ]
-    return SearchOutcome(widths=widths, history=history, config=config)
+    return _static_outcome(ctx.graph, scale, ranks, history, config)
+
+
+def _static_outcome(
+    graph: ChannelGraph,
+    scale: float,
+    ranks: Mapping[int, float],
+    history: list[dict[str, Any]],
+    config: dict[str, Any],
+) -> SearchOutcome:
+    allocation = _eq4(graph, scale, ranks)
+    return SearchOutcome(
+        widths=static_widths(graph, scale=scale, ranks=ranks),
+        history=history,
+        config=config,
+        allocation=allocation,
+    )
 
 
 def run_uniform(ctx: SearchContext) -> SearchOutcome:
-    """``method="uniform"``: every free width times ``phi``, or the ``phi`` giving
-    ``target_params`` parameters."""
+    """``method="uniform"``: every free width times ``phi`` (with a budget, the allocation is
+    every group's own width, and the budget's factor replaces ``phi``)."""
     cfg: UniformConfig = ctx.config
-    if cfg.target_params is not None:
-        phi, widths = uniform_for_params(ctx.graph, int(cfg.target_params))
-    else:
-        phi = float(cfg.phi)
-        widths = uniform_widths(ctx.graph, phi)
-    return SearchOutcome(widths=widths, config={"phi": phi})
+    phi = float(cfg.phi)
+    return SearchOutcome(
+        widths=uniform_widths(ctx.graph, phi),
+        config={"phi": phi},
+        allocation={g.id: float(g.size) for g in ctx.graph.free},
+    )
+
+
+def random_allocation(graph: ChannelGraph, config: RandomConfig) -> dict[int, float]:
+    """Every free group's width times a log-uniform factor in ``[low, high]``.
+
+    Example:
+        >>> random_allocation(graph, RandomConfig(seed=3))[1]   # between 0.25x and 1x
+        11.2...
+    """
+    rng = np.random.default_rng(config.seed)
+    lo, hi = math.log(config.low), math.log(config.high)
+    return {g.id: g.size * math.exp(rng.uniform(lo, hi)) for g in graph.free}
+
+
+def run_random(ctx: SearchContext) -> SearchOutcome:
+    """``method="random"``: a random factor per group (see :class:`RandomConfig`)."""
+    cfg: RandomConfig = ctx.config
+    allocation = random_allocation(ctx.graph, cfg)
+    widths = {g.id: round_width(allocation[g.id], g.divisor) for g in ctx.graph.free}
+    return SearchOutcome(widths=widths, config=asdict(cfg), allocation=allocation)
