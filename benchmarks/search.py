@@ -1,173 +1,439 @@
-"""CONet against uniform and static scaling on Fashion-MNIST, sized for 2 CPU cores.
+"""fxconet's width searches against the obvious alternatives, at the MACs budget a user names.
 
-Rows: the baseline (a CIFAR-style ResNet-20 with every channel group at the starting width);
-CONet at three rank-slope thresholds; uniform scaling at the parameter count of each CONet
-result (the paper's compound-scaling comparison); static scaling (Eq. 4) from the trained
-baseline's ranks; and CONet with inherited instead of re-initialised weights between trials
-(to choose that default by measurement). Every final model is trained from scratch for the same
-number of epochs on the same data and evaluated on the Fashion-MNIST test split. Search uses the
-training subset only (validation: a held-out part of it).
+The question a user asks: "I have a trained CNN and want it at 50% (or 25%) of its MACs: which
+widths should I keep?" Every method answers at the same budget from the same trained network,
+and every answer gets the same fine-tuning; the test split is touched only at the end.
 
-Writes benchmarks/results/search.json, search.md and search.png (accuracy against parameters).
+For each seed ``s`` (paired: every method of a seed starts from the same trained network):
+
+1. ``full``: the CIFAR-style ResNet-20 of :func:`fxconet.models.cifar_resnet20` (widths
+   16/32/64, 1 input channel), initialised with seed ``s`` and trained ``--full-epochs``
+   epochs (SGD, lr 0.1, cosine, batch 128, weight decay 5e-4) on ``--train-size`` Fashion-MNIST
+   training images. This is the starting point of every method and the reference row.
+2. For every budget (``--budgets``, fractions of the network's MACs) and method:
+
+   * ``uniform``: every free width times the one factor that meets the budget (compound
+     scaling, ``method="uniform"``);
+   * ``random``: a random factor in [0.25, 1] per channel group, then the global factor that
+     meets the budget (the sanity check of any search, ``method="random"``, seed ``s``);
+   * ``tp-l2``: Torch-Pruning 1.6.1 magnitude pruning (L2 importance, global ranking, the
+     classifier kept), its pruning ratio bisected until the pruned network's MACs meet the
+     budget within 2%;
+   * ``static``: CONet's Eq. 4 (``scale`` 0.5) from the trained network's output ranks,
+     projected onto the budget;
+   * ``conet``: CONet's search (Alg. 2 with AdaS, ``--conet-trials`` trials of
+     ``--conet-epochs`` epochs from fresh initialisations on 90% of the training images),
+     projected onto the budget; the search depends on the seed, not on the budget, so it runs
+     once per seed (the second budget resumes its checkpoints).
+
+   fxconet's methods run through the public API (``optimize_channels(trained, data=...,
+   method=..., target_macs=b, init="inherit", epochs=F)``): the kept channels are those with the
+   largest L2 norm, and the network is fine-tuned ``--finetune-epochs`` epochs (SGD, lr
+   ``--finetune-lr``, cosine); Torch-Pruning's network gets the same fine-tuning.
+
+Every (seed, method, budget) result is a JSON file under ``--runs`` (a killed run restarts
+where it stopped; CONet's searches resume from their checkpoints). Every invocation rewrites
+``search.json`` (settings, machine, load, every run, the summary), ``search.md`` (the table:
+mean, SD, the paired difference to uniform and its standard error, MACs, parameters, search
+cost) and ``search.png`` (accuracy against MACs) from all the results found.
 
 Example:
-    python benchmarks/search.py                 # the committed results
-    python benchmarks/search.py --train-size 2000 --trials 2 --final-epochs 2   # a quick look
+    python benchmarks/search.py                      # the committed results (~1.5 h, 2 cores)
+    python benchmarks/search.py --seeds 0 --train-size 2000 --full-epochs 2 \\
+        --finetune-epochs 1 --conet-trials 2 --runs /tmp/s --out /tmp/search.json   # a look
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
+import os
+import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Subset
 
 import fxconet
 from fxconet.cost import count_macs, count_params
 from fxconet.data import load_dataset
 from fxconet.models import cifar_resnet20
-from fxconet.strategies.static import uniform_for_params
-from fxconet.train import TrainConfig, evaluate, run_training
+from fxconet.train import TrainConfig, evaluate, select_device, train
 
-RESULTS = Path(__file__).parent / "results"
+HERE = Path(__file__).resolve().parent
+METHODS = ("uniform", "random", "tp-l2", "static", "conet")
+SHAPE = (1, 28, 28)
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train-size", type=int, default=3000, help="training images used (subset)")
-    p.add_argument("--width", type=int, default=32, help="starting width of every group")
-    p.add_argument("--deltas", type=float, nargs=3, default=[0.02, 0.04, 0.08],
-                   help="three CONet rank-slope thresholds")  # fmt: skip
-    p.add_argument("--trials", type=int, default=5, help="CONet trials")
-    p.add_argument("--epochs-per-trial", type=int, default=3, help="epochs per CONet trial")
-    p.add_argument("--final-epochs", type=int, default=6, help="epochs to train every final model")
-    p.add_argument("--scale", type=float, default=0.5, help="static scaling factor S of Eq. 4")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (1: the committed run shared the 2 cores with another benchmark)",
-    )
-    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    return p.parse_args()
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="paired seeds")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25],
+                   help="MACs budgets, fractions of the network's (default: 0.5 0.25)")  # fmt: skip
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="methods to run (default: all)")  # fmt: skip
+    p.add_argument("--train-size", type=int, default=10_000,
+                   help="Fashion-MNIST training images (a fixed subset; 10000)")  # fmt: skip
+    p.add_argument("--test-size", type=int, default=10_000, help="test images (default: all)")
+    p.add_argument("--full-epochs", type=int, default=10, help="epochs of the full network (10)")
+    p.add_argument("--finetune-epochs", type=int, default=5,
+                   help="fine-tuning epochs of every pruned network (5)")  # fmt: skip
+    p.add_argument("--finetune-lr", type=float, default=0.05, help="fine-tuning lr (0.05)")
+    p.add_argument("--conet-trials", type=int, default=6, help="CONet trials (6)")
+    p.add_argument("--conet-epochs", type=int, default=3, help="epochs per CONet trial (3)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if present)")
+    p.add_argument("--runs", type=Path, default=Path("runs/bench-search"),
+                   help="per-run results and checkpoints (default: runs/bench-search)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=HERE / "results" / "search.json",
+                   help="JSON output; the table and plot go beside it (.md, .png)")  # fmt: skip
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the JSON, table and plot from --runs only")  # fmt: skip
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    args = parse()
-    torch.set_num_threads(args.threads)
-    full = load_dataset("fashion-mnist", split="train")
-    g = torch.Generator().manual_seed(args.seed)
-    train = Subset(full, torch.randperm(len(full), generator=g)[: args.train_size].tolist())
-    test = load_dataset("fashion-mnist", split="test")
-    x = train[0][0].unsqueeze(0)
-    base_model = cifar_resnet20(num_classes=10, in_channels=1)
-    graph = fxconet.analyze(base_model, x)
-    start_widths = {grp.id: args.width for grp in graph.free}
-    config = TrainConfig(lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    rows: list[dict[str, Any]] = []
+# ---------------------------------------------------------------------------------------------
+# data and the starting network
 
-    def final(name: str, widths: dict[int, int], search_s: float, **extra: Any) -> dict[str, Any]:
-        torch.manual_seed(args.seed)
-        model = fxconet.resize(graph, widths, init="reset")
-        t0 = time.perf_counter()
-        run_training(model, epochs=args.final_epochs, on_epoch_end=lambda e, m: None,
-                     data=train, config=config, progress=False)  # fmt: skip
-        row = {
-            "name": name,
-            "test_accuracy": evaluate(model, test).accuracy,
-            "params": count_params(model),
-            "macs": count_macs(model, x),
-            "search_seconds": round(search_s, 1),
-            "train_seconds": round(time.perf_counter() - t0, 1),
-            "widths": {str(k): v for k, v in sorted(widths.items())},
-            **extra,
+
+def datasets(args: argparse.Namespace) -> tuple[Subset, Subset]:
+    train_all = load_dataset("fashion-mnist", split="train")
+    test_all = load_dataset("fashion-mnist", split="test")
+    order = np.random.default_rng(1234).permutation(len(train_all))[: args.train_size]
+    return Subset(train_all, order.tolist()), Subset(test_all, range(args.test_size))
+
+
+def trained_full(
+    args: argparse.Namespace, seed: int, train_data: Subset, test: Subset
+) -> nn.Module:
+    """The seed's trained full network (cached under --runs)."""
+    folder = args.runs / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = cifar_resnet20(in_channels=1)
+    state = folder / "full.pt"
+    result = folder / "full.json"
+    if state.is_file() and result.is_file():
+        model.load_state_dict(torch.load(state, weights_only=True))
+        return model
+    cfg = TrainConfig(epochs=args.full_epochs, seed=seed, device=args.device)
+    started = time.perf_counter()
+    train(model, train_data, cfg, progress=False)
+    seconds = time.perf_counter() - started
+    model.cpu()
+    acc = evaluate(model, test, device=args.device).accuracy
+    model.cpu()
+    x = torch.zeros(1, *SHAPE)
+    torch.save(model.state_dict(), state)
+    _write(result, {
+        "seed": seed, "method": "full", "budget": 1.0, "accuracy": acc,
+        "macs": count_macs(model, x), "params": count_params(model),
+        "train_seconds": seconds, "search_seconds": 0.0, "search_epochs": 0,
+    })  # fmt: skip
+    print(f"seed {seed} full: {acc:.4f} ({seconds:.0f} s)", flush=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# the methods
+
+
+def run_fxconet(
+    args: argparse.Namespace,
+    method: str,
+    seed: int,
+    budget: float,
+    model: nn.Module,
+    train_data: Subset,
+    test: Subset,
+) -> dict[str, Any]:
+    """One of fxconet's methods through the public API."""
+    options: dict[str, Any] = {}
+    if method == "conet":
+        options = {
+            "trials": args.conet_trials,
+            "epochs_per_trial": args.conet_epochs,
+            "out": args.runs / f"seed{seed}" / "conet-search",
         }
-        rows.append(row)
-        print(f"{name:28s} acc {row['test_accuracy']:.4f}  params {row['params']:>9,}  "
-              f"MACs {row['macs']:>11,}  search {search_s:7.1f}s", flush=True)  # fmt: skip
-        write(args, rows)
-        return row
-
-    baseline = final("baseline", start_widths, 0.0)
-
-    def conet(delta: float, reinit: bool) -> tuple[dict[int, int], float, list[dict[str, Any]]]:
-        t0 = time.perf_counter()
-        result = fxconet.optimize_channels(
-            base_model, x, data=train, method="conet", delta=delta, trials=args.trials,
-            epochs_per_trial=args.epochs_per_trial, initial_width=args.width, reinit=reinit,
-            train_config=config, seed=args.seed, progress=False,
-        )  # fmt: skip
-        return result.widths, time.perf_counter() - t0, list(result.history)
-
-    for delta in args.deltas:
-        widths, seconds, history = conet(delta, reinit=True)
-        row = final(f"CONet delta={delta}", widths, seconds, trials_run=len(history))
-        phi, uniform = uniform_for_params(graph, row["params"])
-        final(f"uniform @ CONet delta={delta}", uniform, 0.0, phi=round(phi, 4))
-    widths, seconds, history = conet(args.deltas[1], reinit=False)
-    final(f"CONet delta={args.deltas[1]} inherit", widths, seconds, trials_run=len(history))
-    # static scaling: ranks of the trained baseline (Eq. 4 averages producers' output ranks)
-    t0 = time.perf_counter()
-    trained = fxconet.resize(graph, start_widths, init="reset")
-    run_training(trained, epochs=args.final_epochs, on_epoch_end=lambda e, m: None,
-                 data=train, config=config, progress=False)  # fmt: skip
-    static = fxconet.optimize_channels(trained, x, method="static", scale=args.scale)
-    final(f"static S={args.scale}", static.widths, time.perf_counter() - t0)
-    write(args, rows, baseline)
-
-
-def write(args: argparse.Namespace, rows: list[dict[str, Any]], baseline: Any = None) -> None:
-    args.out.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.out / "search.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
-    lines = [
-        "| run | test accuracy | params | MACs | search s |",
-        "|---|---:|---:|---:|---:|",
-        *(
-            f"| {r['name']} | {r['test_accuracy']:.4f} | {r['params']:,} | {r['macs']:,} | "
-            f"{r['search_seconds']:.0f} |"
-            for r in rows
-        ),  # fmt: skip
-    ]
-    (args.out / "search.md").write_text(
-        f"Fashion-MNIST, {args.train_size} training images, ResNet-20 starting at width "
-        f"{args.width}, {args.trials} trials x {args.epochs_per_trial} epochs, every final model "
-        f"trained {args.final_epochs} epochs from scratch; {args.threads} CPU thread(s).\n\n"
-        + "\n".join(lines)
-        + "\n"
+        options["resume"] = any(Path(options["out"]).glob("trial_*.json"))
+    started = time.perf_counter()
+    result = fxconet.optimize_channels(
+        model,
+        torch.zeros(1, *SHAPE),
+        data=train_data,
+        test_data=test,
+        method=method,
+        target_macs=budget,
+        init="inherit",
+        epochs=args.finetune_epochs,
+        lr=args.finetune_lr,
+        seed=seed,
+        device=args.device,
+        progress=False,
+        **options,
     )
-    if baseline is not None:
-        plot(rows, args.out / "search.png")
+    total = time.perf_counter() - started
+    history = list(result.history)
+    search_epochs = sum(1 for _ in history) * args.conet_epochs if method == "conet" else 0
+    search_seconds = sum(h.get("seconds", 0.0) for h in history) if method == "conet" else 0.0
+    if method == "static":
+        search_seconds = result.seconds  # measuring the trained network's ranks
+    return {
+        "accuracy": result.accuracy,
+        "macs": result.macs_after,
+        "params": result.params_after,
+        "widths": {str(k): v for k, v in result.widths.items()},
+        "budget_error": result.report()["budget"]["error"],
+        "search_seconds": search_seconds,
+        "search_epochs": search_epochs,
+        "seconds": total,
+    }
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def tp_prune(model: nn.Module, target: float, x: torch.Tensor) -> tuple[nn.Module, float]:
+    """Torch-Pruning's global L2 magnitude pruning at the ratio that meets ``target`` (MACs
+    fraction) within 2%: bisection on the pruning ratio, each try on a fresh copy."""
+    import torch_pruning as tp
+
+    before = count_macs(model, x)
+    lo, hi = 0.0, 0.95
+    best: tuple[float, nn.Module, float] | None = None
+    for _ in range(30):
+        ratio = (lo + hi) / 2
+        pruned = copy.deepcopy(model).eval()
+        pruner = tp.pruner.BasePruner(
+            pruned,
+            example_inputs=x,
+            importance=tp.importance.MagnitudeImportance(p=2),
+            global_pruning=True,
+            pruning_ratio=ratio,
+            ignored_layers=[pruned.fc],
+        )
+        pruner.step()
+        frac = count_macs(pruned, x) / before
+        if best is None or abs(frac - target) < abs(best[0] - target):
+            best = (frac, pruned, ratio)
+        if abs(frac / target - 1) <= 0.02:
+            break
+        if frac > target:
+            lo = ratio
+        else:
+            hi = ratio
+    assert best is not None
+    return best[1], best[2]
+
+
+def run_tp(
+    args: argparse.Namespace,
+    seed: int,
+    budget: float,
+    model: nn.Module,
+    train_data: Subset,
+    test: Subset,
+) -> dict[str, Any]:
+    x = torch.zeros(1, *SHAPE)
+    started = time.perf_counter()
+    pruned, ratio = tp_prune(model, budget, x)
+    prune_seconds = time.perf_counter() - started
+    cfg = TrainConfig(
+        epochs=args.finetune_epochs, lr=args.finetune_lr, seed=seed, device=args.device
+    )
+    train(pruned, train_data, cfg, progress=False)
+    pruned.cpu()
+    acc = evaluate(pruned, test, device=args.device).accuracy
+    pruned.cpu()
+    return {
+        "accuracy": acc,
+        "macs": count_macs(pruned, x),
+        "params": count_params(pruned),
+        "pruning_ratio": ratio,
+        "budget_error": count_macs(pruned, x) / (budget * count_macs(model, x)) - 1,
+        "search_seconds": prune_seconds,
+        "search_epochs": 0,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the report
+
+
+def _write(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def collect(runs: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(runs.glob("seed*/*.json")):
+        data = json.loads(path.read_text())
+        if "method" in data and "accuracy" in data:
+            rows.append(data)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]], macs_full: int) -> list[dict[str, Any]]:
+    """Per (method, budget): mean, SD, and the paired difference to uniform (mean, SE, t)."""
+    out = []
+    keys = sorted({(r["method"], r["budget"]) for r in rows}, key=lambda k: (-k[1], k[0]))
+    uniform = {(r["seed"], r["budget"]): r["accuracy"] for r in rows if r["method"] == "uniform"}
+    for method, budget in keys:
+        mine = sorted((r for r in rows if (r["method"], r["budget"]) == (method, budget)),
+                      key=lambda r: r["seed"])  # fmt: skip
+        accs = [100 * r["accuracy"] for r in mine]
+        diffs = [
+            100 * (r["accuracy"] - uniform[(r["seed"], budget)])
+            for r in mine
+            if (r["seed"], budget) in uniform and method != "uniform"
+        ]
+        n = len(diffs)
+        mean_d = statistics.mean(diffs) if diffs else None
+        se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
+        out.append({
+            "method": method,
+            "budget": budget,
+            "seeds": [r["seed"] for r in mine],
+            "accuracy_mean": statistics.mean(accs),
+            "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None,
+            "per_seed": accs,
+            "diff_to_uniform": mean_d,
+            "diff_se": se,
+            "t": mean_d / se if mean_d is not None and se else None,
+            "macs_pct": 100 * statistics.mean(r["macs"] for r in mine) / macs_full,
+            "params": statistics.mean(r["params"] for r in mine),
+            "search_seconds": statistics.mean(r.get("search_seconds", 0.0) for r in mine),
+            "search_epochs": statistics.mean(r.get("search_epochs", 0) for r in mine),
+        })  # fmt: skip
+    return out
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(summary: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    head = (
+        "| method | budget | seeds | test acc. % (mean ± SD) | Δ vs uniform (pp, ± SE) | t | "
+        "MACs % | params | search epochs | search s |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for s in summary:
+        diff = (
+            "-"
+            if s["diff_to_uniform"] is None
+            else f"{s['diff_to_uniform']:+.2f} ± {_fmt(s['diff_se'], '.2f')}"
+        )
+        lines.append(
+            f"| {s['method']} | {s['budget']:.0%} | {len(s['seeds'])} | "
+            f"{s['accuracy_mean']:.2f} ± {_fmt(s['accuracy_sd'], '.2f')} | {diff} | "
+            f"{_fmt(s['t'], '.1f')} | {s['macs_pct']:.1f} | {s['params']:,.0f} | "
+            f"{s['search_epochs']:.0f} | {s['search_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    groups = {"baseline": "D", "CONet": "o", "uniform": "s", "static": "^"}
-    for key, marker in groups.items():
-        pts = [(r["params"], r["test_accuracy"]) for r in rows if r["name"].startswith(key)]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            ax.scatter(xs, ys, marker=marker, label=key)
-    ax.set(xscale="log", xlabel="parameters", ylabel="test accuracy",
-           title="Fashion-MNIST: accuracy against parameters")  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    methods = sorted({s["method"] for s in summary} - {"full"})
+    full = [s for s in summary if s["method"] == "full"]
+    for k, method in enumerate(methods):
+        pts = sorted((s for s in summary if s["method"] == method), key=lambda s: s["macs_pct"])
+        offset = (k - len(methods) / 2) * 0.35  # side by side at each budget
+        ax.errorbar(
+            [s["macs_pct"] + offset for s in pts],
+            [s["accuracy_mean"] for s in pts],
+            yerr=[s["accuracy_sd"] or 0 for s in pts],
+            marker="o",
+            capsize=3,
+            linewidth=1,
+            label=method,
+        )
+    if full:
+        ax.errorbar([100], [full[0]["accuracy_mean"]], yerr=[full[0]["accuracy_sd"] or 0],
+                    marker="D", color="black", capsize=3, label="full network")  # fmt: skip
+    ax.set(xlabel="MACs (% of the full network)",
+           ylabel="test accuracy % (mean ± SD over seeds)",
+           title="ResNet-20, Fashion-MNIST: pruned to a MACs budget, fine-tuned")  # fmt: skip
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def report(args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    rows = collect(args.runs)
+    if not rows:
+        return
+    macs_full = next(r["macs"] for r in rows if r["method"] == "full")
+    summary = summarise(rows, macs_full)
+    md = args.out.with_suffix(".md")
+    _write(args.out, {"settings": settings, "summary": summary, "runs": rows})
+    head = (
+        f"ResNet-20 (16/32/64) on Fashion-MNIST: {settings['train_size']} training images, "
+        f"{settings['test_size']} test images; full network {settings['full_epochs']} epochs "
+        f"from scratch; every pruned network fine-tuned {settings['finetune_epochs']} epochs "
+        f"(lr {settings['finetune_lr']}, cosine) from the seed's trained full network; CONet "
+        f"{settings['conet_trials']} x {settings['conet_epochs']} epochs; "
+        f"{settings['threads']} torch threads on {settings['machine']}."
+    )
+    md.write_text(head + "\n\n" + table(summary, settings) + "\n")
+    plot(summary, args.out.with_suffix(".png"))
+    print(table(summary, settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    settings = {
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": str(device),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "load_at_start": list(os.getloadavg()),
+    }
+    if args.report_only:
+        report(args, settings)
+        return 0
+    train_data, test = datasets(args)
+    for seed in args.seeds:
+        model = trained_full(args, seed, train_data, test)
+        for budget in args.budgets:
+            for method in args.methods:
+                path = args.runs / f"seed{seed}" / f"{method}-{budget:g}.json"
+                if path.is_file():
+                    continue
+                started = time.perf_counter()
+                if method == "tp-l2":
+                    row = run_tp(args, seed, budget, model, train_data, test)
+                else:
+                    row = run_fxconet(args, method, seed, budget, model, train_data, test)
+                row.update(seed=seed, method=method, budget=budget, load=list(os.getloadavg()))
+                _write(path, row)
+                print(
+                    f"seed {seed} {method} {budget:.0%}: {row['accuracy']:.4f}, "
+                    f"{row['macs'] / count_macs(model, torch.zeros(1, *SHAPE)):.3f} MACs "
+                    f"({time.perf_counter() - started:.0f} s)",
+                    flush=True,
+                )
+        report(args, settings)
+    report(args, settings)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

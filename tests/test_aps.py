@@ -168,6 +168,120 @@ def test_projected_gradient_descent_keeps_unit_columns_and_lowers_phi():
     torch.testing.assert_close(col, torch.tensor([[0.6, 0.0], [0.8, 1.0]]))
 
 
+def _side_grad(mats: list[torch.Tensor], a: int) -> torch.Tensor:
+    """d/dM_a of sum_{b <= c} ||M_b^T M_c||_F^2 by hand: 2 sum_b M_b M_b^T M_a + 2 M_a M_a^T M_a."""
+    m = mats[a]
+    return 2 * sum(mb @ mb.T @ m for mb in mats) + 2 * m @ m.T @ m
+
+
+def _side_value(mats: list[torch.Tensor]) -> float:
+    return float(
+        sum(
+            (mats[b].T @ mats[c]).pow(2).sum()
+            for b in range(len(mats))
+            for c in range(b, len(mats))
+        )
+    )
+
+
+@pytest.mark.parametrize("model", [Net, Branchy])
+def test_the_transition_step_is_equation_5_with_the_closed_form_gradient(model):
+    """p <- (p - tau grad) / ||p - tau grad|| with the gradient of sum_l Phi_l / Phi_l^ordinal,
+    Phi_l = Phi(Q side) * Phi(P side), computed here by hand (no autograd)."""
+    graph = fxconet.analyze(model(), X)
+    net = Supernet(graph, candidate_widths(graph), sharing="transitionary", noise=5e-2, seed=3)
+    before = [[m.clone() for m in ms] for ms in net.mats]
+    tau = 0.3
+    expected = [[m.clone() for m in ms] for ms in before]
+    for q_sets, p_sets in net._layers:
+        bound = 1.0
+        for sets in (q_sets, p_sets):
+            if sets:
+                bound *= sum(ordinal_sharing(net.sets[k].sizes) for k in sets)
+        side = {
+            id(sets): (sum(_side_value(before[k]) for k in sets) if sets else 1.0)
+            for sets in (q_sets, p_sets)
+        }
+        for sets, other in ((q_sets, p_sets), (p_sets, q_sets)):
+            for k in sets:
+                for a in range(len(before[k])):
+                    grad = side[id(other)] / bound * _side_grad(before[k], a)
+                    expected[k][a] = project_columns(before[k][a] - tau * grad)
+    net.pgd_step(tau)
+    learned = [k for k, s in enumerate(net.sets) if s.role in ("in", "out")]
+    assert learned
+    for k in learned:
+        for got, want in zip(net.mats[k], expected[k], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert net.phi()[1] < float(sum(1 for _ in net._layers)) and net.phi()[1] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the controller's policy gradient on a bandit
+
+
+def test_reinforce_with_the_flops_reward_moves_to_the_better_arm_and_meets_the_target():
+    """Four decisions of four widths; accuracy grows with the total width (diminishing
+    returns), MACs are the total width. With the soft penalty the best reward lies at the 50%
+    target; REINFORCE (4 samples, leave-one-out baseline) must find it."""
+    from fxconet.strategies.aps import flops_reward, reinforce_step
+
+    torch.manual_seed(0)
+    widths = [1, 2, 3, 4]
+    full = 4 * max(widths)
+    target = 0.5 * full
+    penalty = (0.1, -0.5)
+
+    def reward_of(actions):
+        macs = sum(widths[a] for a in actions)
+        accuracy = 1 - math.exp(-macs / 4)
+        return flops_reward(accuracy, macs, target, penalty), macs
+
+    grid = [reward_of([a, b, c, d]) for a in range(4) for b in range(4) for c in range(4)
+            for d in range(4)]  # fmt: skip
+    best_reward, best_macs = max(grid)
+    assert best_macs == target  # the penalty puts the optimum at the target
+    controller = Controller([4, 4, 4, 4])
+    opt = torch.optim.Adam(controller.parameters(), lr=0.02, betas=(0.5, 0.999))
+    gen = torch.Generator().manual_seed(1)
+    baseline = None
+    first = [reward_of(controller.sample(lambda p: 1.0, generator=gen)[0])[0] for _ in range(64)]
+    for _ in range(300):
+        samples = []
+        for _ in range(4):
+            actions, logp, ent = controller.sample(lambda p: 1.0, generator=gen)
+            samples.append((logp, ent, reward_of(actions)[0]))
+        baseline = reinforce_step(opt, samples, baseline, entropy_coeff=1e-3, baseline_decay=0.99)
+    greedy, _, _ = controller.sample(lambda p: 1.0, greedy=True)
+    reward, macs = reward_of(greedy)
+    assert abs(macs - target) <= 1  # one width step of the target
+    assert reward >= 0.98 * best_reward
+    last = [reward_of(controller.sample(lambda p: 1.0, generator=gen)[0])[0] for _ in range(64)]
+    # the policy moved, not only its argmax: samples are now near the best, the first were not
+    assert sum(last) / 64 >= 0.99 * best_reward > sum(first) / 64 + 0.02
+
+
+def test_reinforce_step_uses_leave_one_out_baselines():
+    """With rewards r_k the loss is -sum_k logp_k (r_k - mean of the others) / K: the gradient
+    on each sample's log-probability is exactly that advantage."""
+    from fxconet.strategies.aps import reinforce_step
+
+    logps = [torch.zeros((), requires_grad=True) for _ in range(3)]
+    ents = [torch.zeros(()) for _ in range(3)]
+    rewards = [0.1, 0.4, 0.7]
+    params = [torch.nn.Parameter(torch.zeros(()))]
+    opt = torch.optim.SGD(params, lr=0.0)
+
+    samples = [(lp + params[0] * 0, e, r) for lp, e, r in zip(logps, ents, rewards, strict=True)]
+    new_baseline = reinforce_step(opt, samples, None, entropy_coeff=0.0, baseline_decay=0.9)
+    for lp, r, others in zip(logps, rewards, ([0.4, 0.7], [0.1, 0.7], [0.1, 0.4]), strict=True):
+        assert float(lp.grad) == pytest.approx(-(r - sum(others) / 2) / 3)
+    assert new_baseline == pytest.approx(0.4)  # started at the first mean reward
+    one = [(torch.zeros((), requires_grad=True), torch.zeros(()), 0.9)]
+    reinforce_step(opt, one, 0.5, entropy_coeff=0.0, baseline_decay=0.9)
+    assert float(one[0][0].grad) == pytest.approx(-(0.9 - 0.5))  # the moving average
+
+
 # ---------------------------------------------------------------------------------------------
 # the supernet against plain networks
 

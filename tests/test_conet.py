@@ -305,3 +305,65 @@ def test_search_tracks_raw_parameter_convs():
     assert "weight" in first["layer_ranks"]
     gid = next(g.id for g in result.graph.free if g.producers == ("weight",))
     assert first["slopes"][str(gid)] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole chain on planted rank curves: ranks -> group slopes -> decisions -> widths
+
+
+class _TwoGroups(nn.Module):
+    """a -> b -> head: group 0 is a's output (= b's input), group 1 is b's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head(h.mean((2, 3)))
+
+
+def _plant_ranks(weight: torch.Tensor, r_out: int, r_in: int, seed: int) -> None:
+    """A conv weight whose output unfolding has rank ``r_out`` and input unfolding ``r_in``
+    (a Tucker core far above the noise), as EVBMF measures them."""
+    g = torch.Generator().manual_seed(seed)
+    out, inp, kh, kw = weight.shape
+    u = torch.linalg.qr(torch.randn(out, r_out, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(inp, r_in, generator=g))[0]
+    core = torch.randn(r_out, r_in, kh, kw, generator=g) * 10.0
+    low = torch.einsum("oi,ijhw,kj->okhw", u, core, v)
+    with torch.no_grad():
+        weight.copy_(low + 1e-3 * torch.randn(weight.shape, generator=g))
+
+
+def test_a_search_on_planted_rank_curves_ends_with_the_rules_widths():
+    """Group 0's rank rises by 1/4 of its width per epoch (slope 0.25 per epoch, 0.75 per
+    3-epoch trial >= delta = 0.15: expand); group 1's stays at half (slope 0: shrink)."""
+    x = torch.zeros(1, 1, 8, 8)
+    model = _TwoGroups()
+    graph = fxconet.analyze(model, x)
+    assert [g.producers for g in graph.free] == [("a",), ("b",)]
+
+    def train_fn(m, *, epochs, on_epoch_end):
+        a_width, b_width = m.b.in_channels, m.b.out_channels
+        for e in range(epochs):
+            r_in = round(a_width * (e + 1) / 4)  # 1/4, 2/4, 3/4 of the width
+            _plant_ranks(m.b.weight, r_out=b_width // 2, r_in=r_in, seed=e)
+            on_epoch_end(e, m)
+
+    result = fxconet.optimize_channels(
+        model, x, method="conet", train_fn=train_fn, trials=4, epochs_per_trial=3, progress=False
+    )
+    record = result.history[0]
+    assert record["slopes"]["0"] == pytest.approx(0.75, abs=0.02)  # (3/4 - 1/4) / 2 * 3
+    assert record["slopes"]["1"] == pytest.approx(0.0, abs=0.02)
+    # Eq. 5 by hand (phi 0.2, even rounding, bounds 0.5x..8x = 8..128):
+    # group 0 expands every trial: 16 -> 19.2 -> 20 -> 24 -> 28.8 -> 28 -> 33.6 -> 34
+    # group 1 shrinks: 16 -> 12.8 -> 12 -> 9.6 -> 10 -> 8 (the floor); at the floor a shrink
+    # turns into an expansion (the code), a flip: phi halves to 0.1 and 8 * 1.1 = 8.8 -> 8
+    assert [h["next_widths"]["0"] for h in result.history] == [20, 24, 28, 34]
+    assert [h["next_widths"]["1"] for h in result.history] == [12, 10, 8, 8]
+    assert result.widths == {0: 34, 1: 8}
+    assert result.history[-1]["phi"]["1"] == pytest.approx(0.1)

@@ -319,3 +319,79 @@ def test_seed_everything():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     seed_everything(3)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaS
+
+
+class _ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.bn(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_adas_follows_the_published_update(monkeypatch):
+    """lr_l(e+1) = max(beta * R + dG, min) with R the running rate, dG the gain's rise (lr at
+    e = 0); a layer's BatchNorm shares its rate."""
+    import fxconet.metrics as M
+    from fxconet.train import AdaS
+
+    model = _ConvBN()
+    gains = {  # mean gain of each layer after epochs 0, 1, 2, 3
+        "conv": [0.10, 0.30, 0.35, 0.35],
+        "conv2": [0.05, 0.05, 0.20, 0.00],
+        "fc": [0.00, 0.50, 0.50, 0.50],
+    }
+    epoch = {"e": 0}
+
+    def planted(m, reference=False):
+        e = epoch["e"]
+        return [
+            M.LayerMetrics(
+                path=p, kind="linear" if p == "fc" else "conv", shape=(4, 4, 3, 3),
+                in_rank=0.0, out_rank=0.0, in_condition=0.0, out_condition=0.0,
+                in_gain=g[e], out_gain=g[e],
+            )
+            for p, g in gains.items()
+        ]  # fmt: skip
+
+    monkeypatch.setattr(M, "layer_metrics", planted)
+    adas = AdaS(model, lr=0.03, beta=0.8)
+    groups = adas.param_groups()
+    assert [g["layer"] for g in groups] == ["conv", "conv2", "fc"]
+    first = {id(p) for p in groups[0]["params"]}
+    assert {id(model.bn.weight), id(model.bn.bias), id(model.conv.weight)} <= first
+    opt = torch.optim.SGD(groups, lr=0.03)
+    expected = {p: 0.0 for p in gains}
+    previous: dict[str, float] = {}
+    for e in range(4):
+        epoch["e"] = e
+        previous = dict(adas.rates())
+        rates = adas.step(opt)
+        for p, g in gains.items():
+            v = 0.03 if e == 0 else g[e] - g[e - 1]
+            expected[p] = 0.8 * expected[p] + v
+            assert rates[p] == pytest.approx(max(expected[p], 1e-20)), (p, e)
+        for group in opt.param_groups:
+            assert group["lr"] == pytest.approx(rates[group["layer"]])
+    # a layer whose gain stalls decays by beta per epoch; one whose gain fell stops at min_lr
+    assert rates["conv"] == pytest.approx(0.8 * previous["conv"])
+    assert rates["conv2"] == 1e-20
+
+
+def test_training_with_the_adas_schedule_records_per_layer_rates():
+    model = _ConvBN()
+    data = torch.utils.data.TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,)))
+    history = train(
+        model, data, TrainConfig(epochs=3, schedule="adas", lr=0.05, batch_size=16), progress=False
+    )
+    assert history.lr[0] == pytest.approx(0.05) and history.epochs == 3
+    assert all(math.isfinite(v) for v in history.train_loss)

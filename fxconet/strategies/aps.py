@@ -125,6 +125,18 @@ Where this follows the paper, the reference code (``shared/reference/aps.md``) o
     weight decay, schedule over warm-up + search epochs); the reference uses lr 0.1, momentum
     0.9, weight decay 2e-4 and 600 epochs (200 warm-up). Defaults here: 5 warm-up and 10 search
     epochs, sized for CPUs.
+15. The meta-weights' gradient norm is clipped at ``grad_clip`` = 1 per step (the reference does
+    not clip). Diagnosis: APS-I's supernet stayed at chance because it diverged. Its candidates
+    use disjoint blocks of the meta-weights, so every step trains a different sub-network whose
+    pieces were co-trained with other partners; at lr 0.1 with momentum 0.9 the training loss of
+    uniformly sampled architectures rose from 2.35 to 3.1-3.9 (above chance, ln 10 = 2.30) on
+    3,000 Fashion-MNIST images (ResNet-20, 200 steps), while a fixed architecture of the same
+    supernet trained normally (0.64). A lower rate (0.02) or clipping keeps it stable: with
+    clipping at 1 its loss falls to 1.79 in 300 steps (26% accuracy of sampled architectures),
+    learning, though far slower than APS-O (0.68, 77%): without sharing, every block is trained
+    by a fraction of the steps, which is the paper's argument for sharing. Clipping also
+    smooths APS-O and APS-T (ordinal: 0.77 against 0.81 after 200 steps unclipped; masked
+    momentum for unused blocks did not help APS-I).
 """
 
 from __future__ import annotations
@@ -164,11 +176,14 @@ __all__ = [
     "aps_search",
     "beam_search",
     "candidate_widths",
+    "constrained_beam_search",
     "decode",
     "independent_sharing",
     "init_projections",
     "ordinal_sharing",
+    "flops_reward",
     "project_columns",
+    "reinforce_step",
     "run",
     "sharing_level",
 ]
@@ -222,6 +237,8 @@ class ApsConfig:
             policy gradient when ``reward_samples`` is 1).
         reward_samples: architectures sampled per controller step, all rewarded on the same
             validation batch, each against the mean reward of the others (reference: 1).
+        grad_clip: clip the meta-weights' gradient norm per step (None: no clipping, the
+            reference); see the module docstring (item 15).
         seed: seeds everything; epoch ``e`` reseeds with ``seed + e`` (resume reproduces).
     """
 
@@ -244,6 +261,7 @@ class ApsConfig:
     cos_every: int = 10
     baseline_decay: float = 0.99
     reward_samples: int = 4
+    grad_clip: float | None = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -281,6 +299,7 @@ class ApsConfig:
             ("cos_every", self.cos_every >= 0, "must be >= 0"),
             ("baseline_decay", 0 <= self.baseline_decay < 1, "must be in [0, 1)"),
             ("reward_samples", self.reward_samples >= 1, "must be >= 1"),
+            ("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be None or > 0"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -1005,6 +1024,26 @@ class Controller(nn.Module):
         logits = self.head(x)[0].masked_fill(~self.mask[position], float("-inf"))
         return logits, tuple(new)
 
+    def step_batch(
+        self, tokens: Tensor, position: int, budgets: Tensor, state: Any = None
+    ) -> tuple[Tensor, Any]:
+        """:meth:`step` for a batch of prefixes of the same length: ``(B, candidates)`` logits."""
+        x = torch.cat(
+            [
+                self.action(tokens),
+                self.position(torch.full_like(tokens, position)),
+                budgets.reshape(-1, 1).to(self.mask.device, torch.float32),
+            ],
+            dim=1,
+        )
+        new = []
+        for k, cell in enumerate(self.cells):
+            h, c = cell(x, None if state is None else state[k])
+            new.append((h, c))
+            x = h
+        logits = self.head(x).masked_fill(~self.mask[position], float("-inf"))
+        return logits, tuple(new)
+
     def sample(
         self,
         budget: Callable[[Sequence[int]], float],
@@ -1037,6 +1076,55 @@ class Controller(nn.Module):
             actions.append(a)
             token = a
         return actions, logp, entropy
+
+
+def flops_reward(
+    accuracy: float, macs: float, target: float | None, penalty: tuple[float, float]
+) -> float:
+    """The controller's reward (paper, MnasNet-style soft penalty): ``accuracy * (F / T) **
+    alpha`` below the target ``T``, ``** beta`` above it (``accuracy`` without a target).
+
+    Example:
+        >>> round(flops_reward(0.9, 200, 100, (0.1, -0.1)), 4)   # 2x the target: 0.9 * 2**-0.1
+        0.8397
+    """
+    if target is None:
+        return accuracy
+    alpha, beta = penalty
+    return accuracy * (macs / target) ** (alpha if macs <= target else beta)
+
+
+def reinforce_step(
+    optimizer: torch.optim.Optimizer,
+    samples: Sequence[tuple[Tensor, Tensor, float]],
+    baseline: float | None,
+    *,
+    entropy_coeff: float,
+    baseline_decay: float,
+) -> float:
+    """One REINFORCE step of the controller on sampled architectures, and the new baseline.
+
+    ``samples`` are ``(log-probability, entropy, reward)`` of architectures rewarded on the
+    same batch. The loss is ``-sum_k log p(a_k) (R_k - b_k) / K - entropy_coeff * entropy``
+    with ``b_k`` the mean reward of the other samples (leave-one-out), or, for one sample, the
+    moving average ``baseline`` (reference: decay 0.99, starting at the first reward). Returns
+    the moving average updated with this step's mean reward.
+    """
+    rs = [r for _, _, r in samples]
+    k = len(rs)
+    mean_r = sum(rs) / k
+    if baseline is None:
+        baseline = mean_r
+    bases = [(k * mean_r - r) / (k - 1) for r in rs] if k > 1 else [baseline]
+    terms = [
+        -logp * (r - b) - entropy_coeff * ent
+        for (logp, ent, r), b in zip(samples, bases, strict=True)
+    ]
+    loss = torch.stack(terms).sum() / k
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return baseline_decay * baseline + (1 - baseline_decay) * mean_r
 
 
 def _search_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -1110,6 +1198,7 @@ def pick_architecture(
     *,
     top_n: int = 8,
     tolerance: float | None = None,
+    beam: int = 1024,
 ) -> tuple[list[tuple[list[int], float]], int]:
     """The final pick: the ``top_n`` most likely architectures and the index of the winner.
 
@@ -1146,10 +1235,65 @@ def pick_architecture(
             hit = memo[key] = low <= target + tolerance and high >= target - tolerance
         return hit
 
-    constrained = beam_search(controller, budget, top_n, feasible=feasible, normalise=False)
+    constrained = constrained_beam_search(controller, budget, feasible, top_n, beam=beam)
     if constrained:
         return constrained, 0
     return top, closest
+
+
+def constrained_beam_search(
+    controller: Controller,
+    budget: Callable[[Sequence[int]], float],
+    feasible: Callable[[Sequence[int]], bool],
+    top_n: int = 8,
+    *,
+    beam: int = 1024,
+) -> list[tuple[list[int], float]]:
+    """The most likely architectures among those ``feasible`` accepts, by a beam search over
+    the policy: at every decision, every kept prefix is extended by each of its candidates,
+    prefixes ``feasible`` rejects are dropped, and the ``beam`` most likely are kept (the
+    controller runs once per decision on the whole beam). Exact when ``beam`` is at least the
+    number of feasible prefixes at every depth; the cost is ``decisions x beam`` controller
+    evaluations, whatever the policy's entropy (a best-first search expands every prefix more
+    likely than the answer: tens of thousands when the policy is flat).
+
+    Returns:
+        Up to ``top_n`` ``(candidate indices, log-probability)``, most likely first.
+
+    Example:
+        >>> ctrl = Controller([2, 2, 2])
+        >>> [a for a, _ in constrained_beam_search(ctrl, lambda p: 1.0, lambda p: sum(p) <= 1)]
+        [...]                                     # the 4 architectures with at most one 1
+    """
+    n_steps = len(controller.choices)
+    prefixes: list[tuple[int, ...]] = [()]
+    logps = torch.zeros(1)
+    state: Any = None
+    with torch.no_grad():
+        for depth in range(n_steps):
+            n = controller.choices[depth]
+            tokens = torch.tensor(
+                [p[-1] if p else controller.n_max for p in prefixes], device=controller.mask.device
+            )
+            budgets = torch.tensor([budget(list(p)) for p in prefixes])
+            logits, new = controller.step_batch(tokens, depth, budgets, state)
+            log_probs = F.log_softmax(logits[:, :n], dim=1).cpu()
+            rows, cols, scores = [], [], []
+            for r, p in enumerate(prefixes):
+                for a in range(n):
+                    if feasible((*p, a)):
+                        rows.append(r)
+                        cols.append(a)
+                        scores.append(float(logps[r] + log_probs[r, a]))
+            if not rows:
+                return []
+            order = sorted(range(len(rows)), key=lambda k: -scores[k])[:beam]
+            keep = torch.tensor([rows[k] for k in order])
+            prefixes = [(*prefixes[rows[k]], cols[k]) for k in order]
+            logps = torch.tensor([scores[k] for k in order])
+            state = tuple((h[keep], c[keep]) for h, c in new)
+    best = sorted(zip(prefixes, logps.tolist(), strict=True), key=lambda item: -item[1])
+    return [(list(p), lp) for p, lp in best[:top_n]]
 
 
 def _complete(
@@ -1265,12 +1409,8 @@ def aps_search(
     def budget(prefix: Sequence[int]) -> float:
         return (scale - macs(supernet.widths(choice_of(prefix)))) / scale
 
-    alpha, beta = config.penalty
-
     def reward(acc: float, f: int) -> float:
-        if target is None:
-            return acc
-        return acc * (f / target) ** (alpha if f <= target else beta)
+        return flops_reward(acc, f, target, config.penalty)
 
     opt_w = train_config.sgd(supernet.parameters())
     opt_c = torch.optim.Adam(
@@ -1372,25 +1512,14 @@ def aps_search(
                         accs.append(acc)
                         sampled_macs.append(f)
                         entropies.append(float(ent.detach()))
-                    rs = [r for _, _, r in samples]
-                    mean_r = sum(rs) / len(rs)
-                    if baseline is None:
-                        baseline = mean_r
-                    k = len(rs)
-                    # leave-one-out baseline of the samples on the same batch; EMA for one
-                    bases = [(k * mean_r - r) / (k - 1) for r in rs] if k > 1 else [baseline]
-                    terms = [
-                        -logp * (r - b) - config.entropy_coeff * ent
-                        for (logp, ent, r), b in zip(samples, bases, strict=True)
-                    ]
-                    loss_c = torch.stack(terms).sum() / k
-                    opt_c.zero_grad(set_to_none=True)
-                    loss_c.backward()
-                    opt_c.step()
-                    baseline = (
-                        config.baseline_decay * baseline + (1 - config.baseline_decay) * mean_r
+                    baseline = reinforce_step(
+                        opt_c,
+                        samples,
+                        baseline,
+                        entropy_coeff=config.entropy_coeff,
+                        baseline_decay=config.baseline_decay,
                     )
-                    rewards.extend(rs)
+                    rewards.extend(r for _, _, r in samples)
                     with torch.no_grad():
                         actions, _, _ = controller.sample(budget, generator=gen)
                 else:
@@ -1402,6 +1531,8 @@ def aps_search(
                 loss = F.cross_entropy(logits, y)
                 opt_w.zero_grad(set_to_none=True)
                 loss.backward()
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(supernet.parameters(), config.grad_clip)
                 opt_w.step()
                 sums["loss"] += float(loss.detach()) * len(y)
                 sums["correct"] += float((logits.detach().argmax(1) == y).sum())
@@ -1479,11 +1610,17 @@ def aps_search(
     bar.close()
 
     # -- top-N by beam search, closest to the target, decode -----------------------------------
-    if decisions:
+    pick_started = time.perf_counter()
+    settings = {"top_n": config.top_n, "flops_tolerance": config.flops_tolerance}
+    saved = checkpoints.load_final("pick", settings) if resume else None
+    if saved is not None:
+        top = [(list(a), float(lp)) for a, lp in saved["top"]]
+        pick = int(saved["pick"])
+    elif decisions:
         top, pick = pick_architecture(
             controller,
             budget,
-            lambda actions: macs(supernet.widths(choice_of(actions))),
+            lambda actions: macs(supernet.widths(choice_of(actions)), check=False),
             target,
             top_n=config.top_n,
             tolerance=None
@@ -1492,6 +1629,8 @@ def aps_search(
         )
     else:
         top, pick = [([], 0.0)], 0
+    checkpoints.save_final("pick", {"settings": settings, "top": top, "pick": pick})
+    pick_seconds = time.perf_counter() - pick_started
     options = [(choice_of(actions), logp) for actions, logp in top]
     costs = [macs(supernet.widths(c)) for c, _ in options]
     best_choice = options[pick][0]
@@ -1523,6 +1662,7 @@ def aps_search(
         "top": ranked,
         "decoded_val_accuracy": decoded_acc,
         "search_seconds": time.perf_counter() - started,
+        "pick_seconds": pick_seconds,
     }
     return SearchOutcome(
         widths=chosen,
@@ -1605,7 +1745,8 @@ def run(ctx: SearchContext) -> SearchOutcome:
     budget, cost = ctx.budget, ctx.cost
     if budget is not None and budget.macs is not None and cost is not None:
         target = budget.targets(cost)["macs"] / cost.macs_before
-        config = replace(config, flops_target=target, flops_tolerance=budget.tolerance)
+        # the pick's tolerance is a fraction of the model's MACs, the budget's of the target
+        config = replace(config, flops_target=target, flops_tolerance=budget.tolerance * target)
     return aps_search(
         ctx.model,
         ctx.graph,

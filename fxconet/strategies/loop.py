@@ -156,6 +156,36 @@ class Checkpoints:
                 previous.unlink()
 
 
+    def save_final(self, name: str, payload: Mapping[str, Any]) -> None:
+        """Write the result of a search's last stage (``name.json``: APS's final pick), so a
+        resumed search that reaches it again reads it instead of recomputing it."""
+        if self.out is None:
+            return
+        write_json(
+            self.out / f"{name}.json",
+            {"signature": _json_ready(self.signature), "payload": _json_ready(payload)},
+        )
+
+    def load_final(self, name: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The payload of :meth:`save_final` when it was written by this search with the same
+        ``settings`` (under the payload's ``"settings"``), else None."""
+        if self.out is None:
+            return None
+        path = self.out / f"{name}.json"
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # unreadable: compute it again
+        payload = data.get("payload") or {}
+        if data.get("signature") != _json_ready(self.signature):
+            return None
+        if payload.get("settings") != _json_ready(settings):
+            return None
+        return dict(payload)
+
+
 def _json_ready(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists, keys strings)."""
     return json.loads(json.dumps(value))
