@@ -24,7 +24,10 @@ For each seed ``s`` (paired: every method of a seed starts from the same trained
    * ``conet``: CONet's search (Alg. 2 with AdaS, ``--conet-trials`` trials of
      ``--conet-epochs`` epochs from fresh initialisations on 90% of the training images),
      projected onto the budget; the search depends on the seed, not on the budget, so it runs
-     once per seed (the second budget resumes its checkpoints).
+     once per seed (the second budget resumes its checkpoints);
+   * ``aps``: APS with transitionary sharing (``--aps-warmup`` warm-up and ``--aps-search``
+     search epochs on 90% of the training images, the other 10% for the rewards), aimed at the
+     budget (its reward's FLOPs target and its final pick).
 
    fxconet's methods run through the public API (``optimize_channels(trained, data=...,
    method=..., target_macs=b, init="inherit", epochs=F)``): the kept channels are those with the
@@ -68,7 +71,7 @@ from fxconet.models import cifar_resnet20
 from fxconet.train import TrainConfig, evaluate, select_device, train
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("uniform", "random", "tp-l2", "static", "conet")
+METHODS = ("uniform", "random", "tp-l2", "static", "conet", "aps")
 SHAPE = (1, 28, 28)
 
 
@@ -88,6 +91,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float, default=0.05, help="fine-tuning lr (0.05)")
     p.add_argument("--conet-trials", type=int, default=6, help="CONet trials (6)")
     p.add_argument("--conet-epochs", type=int, default=3, help="epochs per CONet trial (3)")
+    p.add_argument("--aps-warmup", type=int, default=4, help="APS warm-up epochs (4)")
+    p.add_argument("--aps-search", type=int, default=8, help="APS search epochs (8)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if present)")
     p.add_argument("--runs", type=Path, default=Path("runs/bench-search"),
@@ -163,6 +168,8 @@ def run_fxconet(
             "out": args.runs / f"seed{seed}" / "conet-search",
         }
         options["resume"] = any(Path(options["out"]).glob("trial_*.json"))
+    elif method == "aps":
+        options = {"warmup_epochs": args.aps_warmup, "search_epochs": args.aps_search}
     started = time.perf_counter()
     result = fxconet.optimize_channels(
         model,
@@ -181,10 +188,13 @@ def run_fxconet(
     )
     total = time.perf_counter() - started
     history = list(result.history)
-    search_epochs = sum(1 for _ in history) * args.conet_epochs if method == "conet" else 0
-    search_seconds = sum(h.get("seconds", 0.0) for h in history) if method == "conet" else 0.0
-    if method == "static":
-        search_seconds = result.seconds  # measuring the trained network's ranks
+    search_epochs = 0
+    search_seconds = result.seconds  # the method's own time (static: measuring the ranks)
+    if method == "conet":  # the whole search, also when this budget resumed it
+        search_epochs = len(history) * args.conet_epochs
+        search_seconds = sum(h.get("seconds", 0.0) for h in history)
+    elif method == "aps":
+        search_epochs = len(history)
     return {
         "accuracy": result.accuracy,
         "macs": result.macs_after,

@@ -481,6 +481,17 @@ def test_resume_reproduces_an_uninterrupted_search(tmp_path):
         Net(), data="digits", out=tmp_path / "cut", resume=True, **dict(options, top_n=2)
     )
     assert repicked.extra["top"][:2] == full.extra["top"][:2]
+    # the pick is checkpointed: a resume with the same pick settings reads pick.json back
+    pick = json.loads((tmp_path / "cut" / "pick.json").read_text())
+    assert pick["payload"]["settings"]["top_n"] == 2
+    smallest = [0] * len(pick["payload"]["top"][0][0])  # as if the pick had been the smallest
+    planted = dict(pick, payload={**pick["payload"], "top": [[smallest, -1.0]], "pick": 0})
+    (tmp_path / "cut" / "pick.json").write_text(json.dumps(planted))
+    reread = fxconet.optimize_channels(
+        Net(), data="digits", out=tmp_path / "cut", resume=True, **dict(options, top_n=2)
+    )
+    candidates = {int(g): c for g, c in repicked.extra["candidates"].items()}
+    assert reread.widths == {g: c[0] for g, c in candidates.items()}
     with pytest.raises(SearchError, match="another model or search configuration"):
         fxconet.optimize_channels(
             Net(), data="digits", out=tmp_path / "cut", resume=True, **dict(options, tau=1.0)
