@@ -296,6 +296,11 @@ def _build_parser(
         "--out", type=Path, help="output folder (default: runs/<model>-<data>-<method>)"
     )
     opt.add_argument("--resume", action="store_true", help="continue a killed search in --out")
+    opt.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out holding an earlier search's checkpoints (deletes them)",
+    )
     opt.add_argument("--seed", type=int, default=0, help="random seed (0)")
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_method_flags(opt, flags)
@@ -344,6 +349,7 @@ def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> in
         "epochs": args.epochs,
         "out": out,
         "resume": args.resume,
+        "overwrite": args.overwrite,
         "seed": args.seed,
         "progress": not args.quiet,
         "lr": args.lr,

@@ -43,7 +43,7 @@ COMMON_OPTIONS = frozenset(
     {
         "out", "resume", "seed", "progress", "epochs", "init", "train_config", "train_fn",
         "test_data", "val_fraction", "leaf_modules", "concrete_args", "freeze", "data_dir",
-        "augment", "log", "target_macs", "target_params", "budget_tolerance",
+        "augment", "log", "target_macs", "target_params", "budget_tolerance", "overwrite",
     }
 )  # fmt: skip
 #: the built-in loop's settings given as options: every :class:`~fxconet.train.TrainConfig`
@@ -157,6 +157,8 @@ def optimize_channels(
             meta-weights projected through P/Q).
         out: folder for checkpoints (one ``trial_NNN.json`` per trial), ``report.json`` and
             plots; nothing is written when omitted. resume: continue a killed search in ``out``.
+            overwrite: start a fresh search in an ``out`` that holds an earlier search's
+            checkpoints (deleting them; without it the search refuses the folder).
         seed (0), progress (True), log (a callable receiving progress lines).
         train_config: a :class:`fxconet.train.TrainConfig`, or its fields (``lr``,
             ``batch_size``, ``schedule``, ``momentum``, ``weight_decay``, ``device``,
@@ -253,6 +255,7 @@ def optimize_channels(
         config=config,
         out=out,
         resume=bool(options.get("resume", False)),
+        overwrite=bool(options.get("overwrite", False)),
         seed=seed,
         progress=progress,
         log=options.get("log"),

@@ -543,7 +543,8 @@ def evaluate(
 ) -> EvalResult:
     """Mean cross-entropy (no label smoothing) and accuracy of ``model`` in eval mode.
 
-    The model's train/eval mode is restored afterwards.
+    Every submodule's train/eval mode is restored afterwards (a BatchNorm the user froze with
+    ``.eval()`` stays in eval mode).
 
     Args:
         model: the network.
@@ -567,7 +568,7 @@ def evaluate(
     else:
         device = select_device(device)
         model.to(device)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each submodule's own flag
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     try:
@@ -581,7 +582,8 @@ def evaluate(
                 correct += int((logits.argmax(1) == y).sum())
                 seen += y.shape[0]
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     if seen == 0:
         return EvalResult(loss=math.nan, accuracy=0.0, num_samples=0)
     return EvalResult(loss=loss_sum / seen, accuracy=correct / seen, num_samples=seen)

@@ -190,6 +190,48 @@ def test_resume_refuses_other_settings(tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"lr": 0.05}, {"batch_size": 32}, {"momentum": 0.5}, {"data": "other"}],
+    ids=["lr", "batch", "momentum", "data"],
+)
+def test_resume_refuses_other_training_settings_or_data(tmp_path, change):
+    """The checkpoints' signature covers the training loop and the data, not only the method."""
+    from fxconet.data import load_dataset
+
+    digits = load_dataset("digits")
+    options = dict(SMALL, trials=2)
+    fxconet.optimize_channels(Net(), data=digits, out=tmp_path, **options)
+    data = digits
+    if change.get("data"):
+        data = torch.utils.data.Subset(digits, range(len(digits) // 2))
+    changed = {k: v for k, v in change.items() if k != "data"}
+    with pytest.raises(SearchError, match="another model or search configuration"):
+        fxconet.optimize_channels(
+            Net(), data=data, out=tmp_path, resume=True, **{**options, **changed}
+        )
+    # the same settings and data resume (the search is finished: nothing reruns)
+    again = fxconet.optimize_channels(Net(), data=digits, out=tmp_path, resume=True, **options)
+    assert len(again.history) == 2
+
+
+def test_a_fresh_search_refuses_a_used_folder_unless_told_to_overwrite(tmp_path):
+    options = dict(SMALL, trials=2)
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    fxconet.optimize_channels(Net(), data="digits", out=tmp_path, **options)
+    with pytest.raises(SearchError, match="holds the checkpoints of an earlier search"):
+        fxconet.optimize_channels(Net(), data="digits", out=tmp_path, **dict(options, trials=1))
+    fresh = fxconet.optimize_channels(
+        Net(), data="digits", out=tmp_path, overwrite=True, **dict(options, trials=1)
+    )
+    assert len(fresh.history) == 1
+    assert sorted(p.name for p in tmp_path.glob("trial_*.json")) == ["trial_000.json"]
+    assert (tmp_path / "notes.txt").read_text() == "the user's own file"
+    file = tmp_path / "notes.txt"
+    with pytest.raises(SearchError, match="is a file"):
+        fxconet.optimize_channels(Net(), data="digits", out=file, **options)
+
+
 def test_user_training_loop_is_called_per_trial():
     calls = []
 

@@ -395,3 +395,15 @@ def test_training_with_the_adas_schedule_records_per_layer_rates():
     )
     assert history.lr[0] == pytest.approx(0.05) and history.epochs == 3
     assert all(math.isfinite(v) for v in history.train_loss)
+
+
+def test_evaluate_and_count_macs_keep_every_submodules_mode():
+    from fxconet.cost import count_macs
+
+    model = _ConvBN()
+    model.train()
+    model.bn.eval()  # the user froze this BatchNorm
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,)))
+    evaluate(model, data)
+    count_macs(model, torch.randn(1, 1, 8, 8))
+    assert model.training and model.conv.training and not model.bn.training

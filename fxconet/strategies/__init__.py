@@ -51,7 +51,8 @@ class SearchContext:
         train_config: settings of the built-in loop (:class:`fxconet.train.TrainConfig`).
         train_fn: the user's training loop, or None (see :mod:`fxconet.train`).
         out: folder for checkpoints (``trial_*`` files), or None.
-        resume: continue from the checkpoints in ``out``.
+        resume: continue from the checkpoints in ``out``. overwrite: a fresh search may replace
+            an earlier search's checkpoints in ``out`` (otherwise it refuses the folder).
         seed: the run's seed. progress: show progress bars. log: one-line progress messages.
         budget: the user's target size (:class:`fxconet.cost.Budget`; ``optimize_channels``
             projects the method's widths onto it afterwards, a method may also aim at it).
@@ -68,6 +69,7 @@ class SearchContext:
     train_fn: Callable[..., Any] | None = None
     out: Path | None = None
     resume: bool = False
+    overwrite: bool = False
     seed: int = 0
     progress: bool = True
     log: Callable[[str], None] | None = None

@@ -170,7 +170,7 @@ from fxconet.ir import ChannelGraph, round_width
 from fxconet.passes.resize_layers import ResizePlan, emit
 from fxconet.passes.view import SolutionView
 from fxconet.strategies import SearchContext, SearchOutcome
-from fxconet.strategies.loop import Checkpoints, Progress
+from fxconet.strategies.loop import Checkpoints, Progress, search_signature
 from fxconet.train import TrainConfig, evaluate, select_device
 
 __all__ = [
@@ -1346,6 +1346,7 @@ def aps_search(
     train_config: TrainConfig | None = None,
     out: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> SearchOutcome:
@@ -1427,17 +1428,17 @@ def aps_search(
     limit = min(limits) if limits else None
     checkpoints = Checkpoints(
         Path(out) if out is not None else None,
-        {
-            "model": type(model).__name__,
-            "groups": [[g.id, g.size, g.divisor, g.frozen] for g in graph.groups],
-            "config": _search_settings(config.to_dict()),
-            "train": {
-                k: v
-                for k, v in train_config.to_dict().items()
-                if k not in ("device", "epochs", "num_workers")
-            },
-        },
+        search_signature(
+            model,
+            graph,
+            _search_settings(config.to_dict()),
+            train_config,
+            train_data=train_data,
+            val_data=val_data,
+        ),
         keep_tensors="last",  # resuming needs the last state only; the JSON keeps the history
+        resume=resume,
+        overwrite=overwrite,
     )
     history: list[dict[str, Any]] = []
     baseline: float | None = None
@@ -1446,7 +1447,7 @@ def aps_search(
     bounds = supernet.phi_bounds()
     phi0 = supernet.phi()
     if resume:
-        found = checkpoints.resume()
+        found = checkpoints.load()
         first = found.next_step
         state = checkpoints.load_tensors(first - 1)
         supernet.load_state_dict(state["supernet"])
@@ -1761,6 +1762,7 @@ def run(ctx: SearchContext) -> SearchOutcome:
         train_config=ctx.train_config,
         out=ctx.out,
         resume=ctx.resume,
+        overwrite=ctx.overwrite,
         progress=ctx.progress,
         log=ctx.log,
     )

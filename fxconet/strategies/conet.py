@@ -76,7 +76,7 @@ from fxconet.errors import SearchError
 from fxconet.ir import ChannelGraph, round_width
 from fxconet.metrics import AGGREGATIONS, RankTracker
 from fxconet.strategies import SearchContext, SearchOutcome
-from fxconet.strategies.loop import Checkpoints, Progress
+from fxconet.strategies.loop import Checkpoints, Progress, search_signature
 from fxconet.train import TrainConfig, TrainFn, evaluate, run_training
 
 __all__ = [
@@ -276,6 +276,7 @@ def conet_search(
     train_fn: TrainFn | None = None,
     out: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> SearchOutcome:
@@ -295,6 +296,7 @@ def conet_search(
         out: folder for one ``trial_NNN.json`` checkpoint per trial (plus ``trial_NNN.pt``
             weights when ``reinit=False``); nothing is written when None.
         resume: continue from the last finished trial in ``out``.
+        overwrite: a fresh search may replace an earlier search's checkpoints in ``out``.
         progress: progress bars.
         log: receives one line per trial.
 
@@ -307,11 +309,17 @@ def conet_search(
     train_config = train_config or TrainConfig()
     checkpoints = Checkpoints(
         Path(out) if out is not None else None,
-        {
-            "model": type(model).__name__,
-            "groups": [[g.id, g.size, g.divisor, g.frozen] for g in graph.groups],
-            "config": config.to_dict(),
-        },
+        search_signature(
+            model,
+            graph,
+            config.to_dict(),
+            train_config,
+            train_data=train_data,
+            val_data=val_data,
+            train_fn=train_fn,
+        ),
+        resume=resume,
+        overwrite=overwrite,
     )
     cost = CostModel(graph)
     state = initial_state(graph, config)
@@ -319,7 +327,7 @@ def conet_search(
     first = 0
     trained: nn.Module | None = None
     if resume:
-        found = checkpoints.resume()
+        found = checkpoints.load()
         state = _state_from_json(found.state)
         history = found.records
         first = found.next_step
@@ -438,6 +446,7 @@ def run(ctx: SearchContext) -> SearchOutcome:
         train_fn=ctx.train_fn,
         out=ctx.out,
         resume=ctx.resume,
+        overwrite=ctx.overwrite,
         progress=ctx.progress,
         log=ctx.log,
     )

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from fxconet.errors import SearchError
 from fxconet.report import write_json
 
-__all__ = ["Checkpoints", "Progress", "Resumed", "logger"]
+__all__ = ["Checkpoints", "Progress", "Resumed", "logger", "search_signature"]
 
 #: the library's logger: ``logging.getLogger("fxconet")``
 logger = logging.getLogger("fxconet")
@@ -65,28 +65,53 @@ class Checkpoints:
     Args:
         out: the output folder (created on first use).
         signature: everything that must be equal for a checkpoint to be resumed (model, groups,
-            method and training settings), as JSON-ready values.
+            method and training settings, a fingerprint of the data), as JSON-ready values.
         keep_tensors: ``"all"`` keeps every step's ``.pt`` file; ``"last"`` only the newest
             (enough to resume; the JSON files keep the whole history).
+        resume: the search will resume from ``out`` (see :meth:`load`).
+        overwrite: a fresh search (not ``resume``) may delete the checkpoints of an earlier
+            search in ``out`` (only the files a search writes); without it, a fresh search
+            refuses a folder that holds checkpoints, so two runs are never mixed.
 
     Example:
         >>> ckpt = Checkpoints(Path("runs/x"), {"model": "Net"})
         >>> ckpt.save(0, {"loss": 1.0}, state={"width": 32})
-        >>> ckpt.resume().next_step
+        >>> ckpt.load().next_step
         1
     """
 
     out: Path | None
     signature: Mapping[str, Any]
     keep_tensors: str = "all"
-    _files: list[Path] = field(default_factory=list, repr=False)
+    resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.keep_tensors not in ("all", "last"):
             raise ValueError(f"keep_tensors={self.keep_tensors!r}: 'all' or 'last'")
-        if self.out is not None:
-            self.out = Path(self.out)
-            self.out.mkdir(parents=True, exist_ok=True)
+        if self.out is None:
+            return
+        self.out = Path(self.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise SearchError(f"--out {self.out} is a file; give a folder for the checkpoints")
+        self.out.mkdir(parents=True, exist_ok=True)
+        written = self.written()
+        if written and not self.resume:
+            if not self.overwrite:
+                raise SearchError(
+                    f"{self.out} holds the checkpoints of an earlier search ({written[0].name} "
+                    f"and {len(written) - 1} more); continue it with resume=True (--resume), "
+                    "start over with overwrite=True (--overwrite), or use another folder"
+                )
+            for path in written:
+                path.unlink()
+
+    def written(self) -> list[Path]:
+        """The files in ``out`` that a search writes (checkpoints and its final stages)."""
+        if self.out is None:
+            return []
+        names = ("trial_*.json", "trial_*.pt", "trial_*.tmp", "pick.json")
+        return sorted({p for pattern in names for p in self.out.glob(pattern)})
 
     def json_path(self, step: int) -> Path:
         """The checkpoint file of ``step``."""
@@ -97,7 +122,7 @@ class Checkpoints:
         """The tensor file of ``step``."""
         return self.json_path(step).with_suffix(".pt")
 
-    def resume(self) -> Resumed:
+    def load(self) -> Resumed:
         """The checkpoints in ``out``, checked against the signature.
 
         Raises:
@@ -184,6 +209,36 @@ class Checkpoints:
         if payload.get("settings") != _json_ready(settings):
             return None
         return dict(payload)
+
+
+def search_signature(
+    model: Any,
+    graph: Any,
+    config: Mapping[str, Any],
+    train_config: Any,
+    *,
+    train_data: Any = None,
+    val_data: Any = None,
+    train_fn: Any = None,
+) -> dict[str, Any]:
+    """What a search's result depends on, for its checkpoints: the model's class and channel
+    groups, the method's settings, the training settings (the device and worker count aside),
+    fingerprints of the training and validation data, and the user's training loop by name."""
+    from fxconet.data import data_fingerprint
+
+    train = {
+        k: v
+        for k, v in train_config.to_dict().items()
+        if k not in ("device", "epochs", "num_workers")
+    }
+    return {
+        "model": type(model).__name__,
+        "groups": [[g.id, g.size, g.divisor, g.frozen] for g in graph.groups],
+        "config": dict(config),
+        "train": train,
+        "data": {"train": data_fingerprint(train_data), "val": data_fingerprint(val_data)},
+        "train_fn": None if train_fn is None else getattr(train_fn, "__qualname__", "callable"),
+    }
 
 
 def _json_ready(value: Any) -> Any:
