@@ -164,3 +164,21 @@ def test_a_bad_value_names_its_flag_before_any_work(capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("fxconet: error: --epochs-per-trial:")
     assert len(err.splitlines()) == 1
+
+
+def test_the_install_lists_every_package():
+    """A non-editable install ships exactly the packages pyproject.toml lists: every folder
+    with an __init__.py must be among them (fxconet.ops was missing once)."""
+    import re
+
+    text = (ROOT / "pyproject.toml").read_text()  # (tomllib needs Python 3.11)
+    listed = set(re.findall(r'"([\w.]+)"', re.search(r"^packages = \[(.*)\]$", text, re.M)[1]))
+    section = text.split("[tool.setuptools.package-dir]", 1)[1].split("\n[", 1)[0]
+    mapped = {v: k for k, v in re.findall(r'"([\w.]+)" = "([\w/]+)"', section)}
+    found = set()
+    for init in (ROOT / "fxconet").rglob("__init__.py"):
+        found.add(".".join(init.parent.relative_to(ROOT).parts))
+    for init in (ROOT / "passes").rglob("__init__.py"):
+        rel = init.parent.relative_to(ROOT).as_posix()
+        found.add(mapped.get(rel, rel.replace("/", ".")))
+    assert found == listed, (found - listed, listed - found)
