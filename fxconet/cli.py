@@ -302,6 +302,19 @@ def _build_parser(
         help="start over in an --out holding an earlier search's checkpoints (deletes them)",
     )
     opt.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    opt.add_argument(
+        "--weights",
+        type=Path,
+        help="start from these weights: a state dict saved with torch.save (read with "
+        "weights_only=True, so no code runs); the default is a fresh initialisation",
+    )
+    opt.add_argument(
+        "--save",
+        choices=("pt2", "onnx", "none"),
+        default="pt2",
+        help="save the final model in --out: pt2 (torch.export, loads with plain PyTorch: "
+        "torch.export.load(path).module()), onnx, or none (default: pt2)",
+    )
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_method_flags(opt, flags)
     return parser, opt
@@ -337,6 +350,7 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     import fxconet
@@ -344,6 +358,8 @@ def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> in
 
     classes, channels, size = _shape_for(args)
     model = build_model(args.model, num_classes=classes, in_channels=channels, image_size=size)
+    if args.weights is not None:
+        _load_weights(model, args.weights)
     out = args.out or Path("runs") / f"{args.model.replace(':', '_')}-{args.data}-{args.method}"
     options: dict[str, Any] = {
         "epochs": args.epochs,
@@ -368,7 +384,48 @@ def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> in
     print()
     print(result.table())
     print(f"\nreport: {result.report_path}")
+    if args.save != "none":
+        from fxconet import export
+
+        x = torch.zeros(1, channels, *size)
+        final = result.model.cpu()
+        if args.save == "pt2":
+            path = export.save_program(final, x, Path(out) / "model.pt2")
+            how = "torch.export.load(path).module()"
+        else:
+            path = export.export_onnx(final.eval(), x, Path(out) / "model.onnx")
+            how = "onnxruntime.InferenceSession(path)"
+        print(f"model: {path} (load without fxconet: {how})")
     return 0
+
+
+def _load_weights(model: Any, path: Path) -> None:
+    """Load a state dict into the model (weights only: nothing in the file runs)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--weights {path}: no such file") from None
+    except Exception as e:
+        raise ValueError(
+            f"--weights {path}: not a state dict readable with weights_only=True ({e})"
+        ) from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint
+    if not isinstance(state, dict):
+        raise ValueError(f"--weights {path}: expected a state dict, got {type(state).__name__}")
+    fix = "(build the model with the same --data, so its input channels and classes match)"
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        shapes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln][:1]
+        raise ValueError(f"--weights {path} does not fit the model: {shapes} {fix}") from e
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"--weights {path} does not fit the model: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]} {fix}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,7 @@ __all__ = [
     "load_code",
     "save",
     "save_code",
+    "save_program",
     "to_code",
 ]
 
@@ -337,6 +338,55 @@ def export_program(gm: nn.Module, example_inputs: Any, **kwargs: Any) -> Any:
     """
     args, kw = normalize_inputs(example_inputs)
     return torch.export.export(gm, args, kwargs=kw or None, **kwargs)
+
+
+def save_program(
+    gm: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Save a model as a ``torch.export`` program (``.pt2``), in eval mode.
+
+    The file loads with plain PyTorch, without fxconet and without unpickling code:
+    ``torch.export.load(path).module()``. With ``dynamic_batch`` the first dim of every tensor
+    input may have any size (a model that fixes its batch size is exported for the example's).
+
+    Raises:
+        ExportError: ``torch.export`` cannot export the model (the message says why).
+
+    Example:
+        >>> fxconet.export.save_program(gm, torch.randn(1, 3, 32, 32), "model.pt2")
+        >>> model = torch.export.load("model.pt2").module()       # torch only
+    """
+    path = Path(path)
+    args, kw = normalize_inputs(example_inputs)
+    modes = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    try:
+        program = None
+        if dynamic_batch and not kw:
+            batch = torch.export.Dim("batch", min=1)
+            shapes = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
+            # torch.export specialises dims of size 1: trace with a batch of 2
+            two = tuple(
+                torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and len(a) == 1 else a
+                for a in args
+            )
+            try:
+                program = torch.export.export(gm, two, dynamic_shapes=shapes)
+            except Exception:  # the model fixes its batch size: export it for the example's
+                program = None
+        if program is None:
+            program = torch.export.export(gm, args, kwargs=kw or None)
+    except Exception as e:
+        raise ExportError(f"torch.export cannot export the model: {type(e).__name__}: {e}") from e
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    torch.export.save(program, path)
+    return path
 
 
 def export_onnx(

@@ -21,6 +21,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -308,6 +310,21 @@ def _resolve_callable(spec: str) -> Callable[..., Any]:
         raise ModelError(f"{spec!r}: expected 'package.module:callable'")
     try:
         obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as first:
+        # the command's own folder, as `python -m` would see it (console scripts do not)
+        cwd = os.getcwd()
+        if cwd in sys.path:
+            raise ModelError(f"{spec!r}: cannot import {module_name!r} ({first})") from first
+        sys.path.insert(0, cwd)
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ModelError(
+                f"{spec!r}: cannot import {module_name!r} from the current folder or the "
+                f"installed packages ({e})"
+            ) from e
+        finally:
+            sys.path.remove(cwd)
     except ImportError as e:
         raise ModelError(f"{spec!r}: cannot import {module_name!r} ({e})") from e
     for part in attr_path.split("."):

@@ -44,6 +44,7 @@ COMMON_OPTIONS = frozenset(
         "out", "resume", "seed", "progress", "epochs", "init", "train_config", "train_fn",
         "test_data", "val_fraction", "leaf_modules", "concrete_args", "freeze", "data_dir",
         "augment", "log", "target_macs", "target_params", "budget_tolerance", "overwrite",
+        "baseline",
     }
 )  # fmt: skip
 #: the built-in loop's settings given as options: every :class:`~fxconet.train.TrainConfig`
@@ -76,7 +77,9 @@ class OptimizeResult:
         params_before, params_after, macs_before, macs_after: model sizes (MACs of one image).
         history: one dict per search trial (widths, slopes, conditions, ranks, accuracies).
         accuracy: test accuracy of the final model (``None`` without final training or test
-            data); ``baseline_accuracy`` is left to the caller (see the benchmarks).
+            data).
+        baseline_accuracy: test accuracy of the model as given (``None`` without test data or
+            with ``baseline=False``).
         report_path: ``report.json`` when an output folder was given.
         seconds: wall time of the search.
     """
@@ -91,6 +94,7 @@ class OptimizeResult:
     macs_after: int
     history: tuple[dict[str, Any], ...] = ()
     accuracy: float | None = None
+    baseline_accuracy: float | None = None
     report_path: Path | None = None
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +110,7 @@ class OptimizeResult:
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "accuracy": self.accuracy,
+            "baseline_accuracy": self.baseline_accuracy,
             "seconds": self.seconds,
             "config": self.config,
             "groups": [
@@ -165,6 +170,8 @@ def optimize_channels(
             ``max_batches_per_epoch`` ...). train_fn: your own training loop (see
             fxconet.train).
         test_data: data for the final accuracy (default: the named dataset's test split).
+        baseline (True): with test data, evaluate the model as given first (the table's
+            "before" accuracy; one pass over the test data).
         val_fraction (0.1): held-out part of the training data for per-trial validation.
         data_dir, augment: for named datasets. leaf_modules, concrete_args, freeze: as for
             :func:`analyze`.
@@ -242,6 +249,9 @@ def optimize_channels(
         freeze=options.get("freeze", ()),
     )
     cost = CostModel(graph)
+    baseline_accuracy = None
+    if test_data is not None and options.get("baseline", True):
+        baseline_accuracy = train_mod.evaluate(model, test_data).accuracy
     if budget.active:
         budget.targets(cost)  # checks the targets against the model before any training
     ctx = SearchContext(
@@ -306,6 +316,7 @@ def optimize_channels(
         macs_after=cost.macs(widths),
         history=tuple(outcome.history),
         accuracy=accuracy,
+        baseline_accuracy=baseline_accuracy,
         seconds=seconds,
         config={
             "method": method,
