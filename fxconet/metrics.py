@@ -1363,9 +1363,7 @@ class RankTracker:
             kept = self._group_terms(graph)
         finally:
             self.aggregation = saved
-        return {
-            g: [f"{p}:{s}" for p, s in ts if (p, s) not in kept[g]] for g, ts in every.items()
-        }
+        return {g: [f"{p}:{s}" for p, s in ts if (p, s) not in kept[g]] for g, ts in every.items()}
 
     def group_series(self, graph: ChannelGraph | None = None) -> dict[int, np.ndarray]:
         """``R_bar_g`` per epoch for every group id (all-NaN for a group with no term)."""

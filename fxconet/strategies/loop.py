@@ -180,7 +180,6 @@ class Checkpoints:
             if previous.is_file():
                 previous.unlink()
 
-
     def save_final(self, name: str, payload: Mapping[str, Any]) -> None:
         """Write the result of a search's last stage (``name.json``: APS's final pick), so a
         resumed search that reaches it again reads it instead of recomputing it."""
