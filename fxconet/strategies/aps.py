@@ -1013,21 +1013,13 @@ class Controller(nn.Module):
     ) -> tuple[Tensor, Any]:
         """Logits (invalid candidates at -inf) of decision ``position`` and the new state."""
         dev = self.mask.device
-        x = torch.cat(
-            [
-                self.action(torch.tensor([token], device=dev)),
-                self.position(torch.tensor([position], device=dev)),
-                torch.tensor([[float(budget)]], device=dev),
-            ],
-            dim=1,
+        logits, new = self.step_batch(
+            torch.tensor([token], device=dev),
+            position,
+            torch.tensor([float(budget)], device=dev),
+            state,
         )
-        new = []
-        for k, cell in enumerate(self.cells):
-            h, c = cell(x, None if state is None else state[k])
-            new.append((h, c))
-            x = h
-        logits = self.head(x)[0].masked_fill(~self.mask[position], float("-inf"))
-        return logits, tuple(new)
+        return logits[0], new
 
     def step_batch(
         self, tokens: Tensor, position: int, budgets: Tensor, state: Any = None
