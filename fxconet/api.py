@@ -145,7 +145,7 @@ def resize(
 
     Example:
         >>> gm = fxconet.resize(torchvision.models.resnet18(), {1: 32}, torch.randn(1, 3, 64, 64))
-        >>> gm.layer1[0].conv1.out_channels
+        >>> gm.get_submodule("layer1.0.conv1").out_channels
         32
     """
     if isinstance(model, ChannelGraph):

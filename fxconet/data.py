@@ -361,7 +361,8 @@ def _cifar_folder(name: str, root: Path) -> Path:
     if not folder.is_dir():
         raise DataError(
             f"{folder}: {name} folder not found; put torchvision's {folder_name}/ (from the "
-            f"CIFAR python archive) under root={str(root)!r}; fxconet never downloads"
+            f"CIFAR python archive) under {str(root)!r} (root= / --data-dir); fxconet never "
+            "downloads"
         )
     return folder
 
@@ -571,7 +572,10 @@ def available_datasets() -> list[str]:
 
 def _require_dir(root: Path, name: str, what: str) -> None:
     if not root.is_dir():
-        raise DataError(f"{root}: {name} folder not found (expected {what}); pass root=...")
+        raise DataError(
+            f"{root}: {name} folder not found (expected {what}); pass its folder with root= "
+            "(--data-dir on the command line)"
+        )
 
 
 def _resolve(
@@ -589,7 +593,9 @@ def _resolve(
     if root is None:
         root = spec.default_root
     if root is None and spec.needs_root:
-        raise DataError(f"dataset {name!r} needs root= (the folder holding its files)")
+        raise DataError(
+            f"dataset {name!r} needs its folder: root= (--data-dir on the command line)"
+        )
     return spec, None if root is None else Path(root).expanduser()
 
 

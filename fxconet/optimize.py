@@ -29,6 +29,7 @@ from fxconet.errors import SearchError
 from fxconet.ir import ChannelGraph
 from fxconet.report import before_after_table, write_report
 from fxconet.strategies import SearchContext, SearchOutcome, get_method
+from fxconet.strategies.loop import logger
 
 __all__ = [
     "COMMON_OPTIONS",
@@ -289,10 +290,22 @@ def optimize_channels(
     if epochs > 0:
         if train_data is None and train_fn is None:
             raise ValueError("epochs > 0 needs data= (or a train_fn) to train the final model")
+        final_started = time.perf_counter()
+        log = options.get("log")
+
+        def final_epoch(epoch: int, m: nn.Module) -> None:
+            line = (
+                f"final training: epoch {epoch + 1}/{epochs} "
+                f"({time.perf_counter() - final_started:.0f} s)"
+            )
+            logger.info(line)
+            if log is not None:
+                log(line)
+
         train_mod.run_training(
             final,
             epochs=epochs,
-            on_epoch_end=lambda epoch, m: None,
+            on_epoch_end=final_epoch,
             data=train_data,
             config=train_config,
             train_fn=train_fn,

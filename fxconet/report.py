@@ -121,8 +121,11 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def before_after_table(report: Mapping[str, Any], group_sizes: Mapping[int, int]) -> str:
-    """A plain-text before/after summary: totals, then one row per changed group."""
+def before_after_table(
+    report: Mapping[str, Any], group_sizes: Mapping[int, int], *, max_rows: int = 20
+) -> str:
+    """A plain-text before/after summary: totals, the budget, then a row per changed group
+    (named by its first producers; at most ``max_rows``, the rest counted)."""
     rows = [("", "before", "after")]
 
     def fmt(x: Any) -> str:
@@ -154,10 +157,13 @@ def before_after_table(report: Mapping[str, Any], group_sizes: Mapping[int, int]
     widths = {int(k): v for k, v in report["widths"].items()}
     changed = [(g, group_sizes[g], w) for g, w in sorted(widths.items()) if group_sizes.get(g) != w]
     names = {g["id"]: g.get("producers") or [] for g in report.get("groups", [])}
-    for gid, before, after in changed:
+    shown = changed if len(changed) <= max_rows else changed[:max_rows]
+    for gid, before, after in shown:
         producers = names.get(gid, [])
         label = f"group {gid}" + (f" ({_abbrev(producers)})" if producers else "")
         rows.append((label, str(before), str(after)))
+    if len(shown) < len(changed):
+        rows.append((f"{len(changed) - len(shown)} more groups", "changed", "(report.json)"))
     unchanged = len(widths) - len(changed)
     if unchanged:
         rows.append((f"{unchanged} groups", "unchanged", ""))

@@ -130,7 +130,9 @@ def test_conet_search_end_to_end(tmp_path):
     result = fxconet.optimize_channels(
         Net(), data="digits", out=tmp_path, epochs=1, log=lines.append, **SMALL
     )
-    assert result.method == "conet" and len(result.history) == 3 and len(lines) == 3
+    assert result.method == "conet" and len(result.history) == 3
+    assert [ln.split(":")[0] for ln in lines] == ["trial 0", "trial 1", "trial 2", "final training"]
+    assert lines[-1].startswith("final training: epoch 1/1")
     assert set(result.widths) == {g.id for g in result.graph.free}
     first = result.history[0]
     assert set(first) >= {"widths", "slopes", "conditions", "actions", "phi", "layer_ranks"}

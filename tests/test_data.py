@@ -263,7 +263,7 @@ def test_imagefolder_resizes_and_uses_train_val(tmp_path):
 
 
 def test_imagefolder_errors(tmp_path):
-    with pytest.raises(DataError, match="needs root="):
+    with pytest.raises(DataError, match=r"needs its folder: root= \(--data-dir"):
         load_dataset("imagefolder")
     with pytest.raises(DataError, match=rf"{tmp_path}: no class sub-folders"):
         load_dataset("imagefolder", root=tmp_path)

@@ -14,6 +14,7 @@ Widths are rounded to the nearest multiple of each group's divisor (at least one
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -216,6 +217,14 @@ def run(ctx: SearchContext) -> SearchOutcome:
     config = asdict(cfg)
     if epochs <= 0:
         ranks = group_output_ranks(ctx.graph, layer_metrics(ctx.model, reference=reference))
+        measured = [r for r in ranks.values() if not math.isnan(r)]
+        if measured and max(measured) == 0.0:
+            warnings.warn(
+                f"static scaling of {ctx.graph.model_name}: every layer's rank is 0 (untrained "
+                "weights?), so Eq. 4 scales every group alike (uniform scaling by 1 - S); pass "
+                "a trained model, or baseline_epochs= (--baseline-epochs) with data",
+                stacklevel=2,
+            )
         return _static_outcome(ctx.graph, scale, ranks, [], config)
     if ctx.train_data is None and ctx.train_fn is None:
         raise ValueError("baseline_epochs > 0 needs data= (or a train_fn) to train the baseline")
