@@ -51,63 +51,119 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _group_label(report: Mapping[str, Any], gid: int) -> str:
+    """``g3 layer1.0.conv1``: a group named by its first producer."""
+    for g in report.get("groups") or []:
+        if g["id"] == gid and g.get("producers"):
+            return f"g{gid} {g['producers'][0]}"
+    return f"g{gid}"
+
+
+def _colors(ax: Any, n: int) -> None:
+    """A colour per line: tab20 beyond the default cycle's 10."""
+    if n > 10:
+        import matplotlib.pyplot as plt
+
+        ax.set_prop_cycle(color=[plt.get_cmap("tab20")(k % 20) for k in range(n)])
+
+
+def _legend_outside(ax: Any, n: int) -> None:
+    ax.legend(fontsize=7 if n > 8 else 8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              frameon=False, ncol=1 if n <= 16 else 2)  # fmt: skip
+
+
 def plot_history(report: Mapping[str, Any], out: str | os.PathLike[str]) -> list[Path]:
-    """Draw the plots that the report's history supports; returns the files written."""
+    """Draw the plots that the report's history supports; returns the files written.
+
+    * ``widths.png``: each channel group's width after every trial (CONet) or epoch (APS),
+      ending with the final widths (after the budget's projection);
+    * ``ranks.png``: each group's rank across the epochs of every trial (CONet);
+    * ``accuracy_params.png``: the validation accuracy of every trial against its parameters,
+      and the test accuracy of the model as given and of the final model.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, LogLocator, MaxNLocator, NullFormatter
 
     out = Path(out)
     history: Sequence[Mapping[str, Any]] = report.get("history") or []
     written: list[Path] = []
+    aps = bool(history) and "phase" in history[0]
+    step = "epoch" if aps else "trial"
+    final_widths = {int(k): v for k, v in (report.get("widths") or {}).items()}
     if history and "widths" in history[0]:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         gids = sorted({int(k) for r in history for k in r["widths"]})
-        trials = [r["trial"] for r in history] + [history[-1]["trial"] + 1]
+        _colors(ax, len(gids))
+        xs = [r["trial"] for r in history]
         for gid in gids:
-            widths = [r["widths"].get(str(gid)) for r in history]
-            widths.append((history[-1].get("next_widths") or history[-1]["widths"]).get(str(gid)))
-            ax.plot(trials, widths, marker=".", linewidth=1)
-        ax.set(xlabel="trial", ylabel="channels", title="Width of each channel group")
+            ys = [r["widths"].get(str(gid)) for r in history]
+            line = ax.plot(xs, ys, marker=".", linewidth=1, label=_group_label(report, gid))
+            if gid in final_widths:  # the final model's width (after a budget's projection)
+                ax.plot([xs[-1], xs[-1] + 1], [ys[-1], final_widths[gid]], linestyle=":",
+                        color=line[0].get_color(), marker="s", markevery=[1])  # fmt: skip
+        what = "the likely architecture after each epoch" if aps else "each trial's widths"
+        ax.set(xlabel=f"{step} (last point, square: the final model)", ylabel="channels",
+               title=f"Width of each channel group: {what}")  # fmt: skip
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        _legend_outside(ax, len(gids))
         written.append(_save(fig, out / "widths.png"))
-    if history and history[0].get("layer_ranks"):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        paths = list(history[0]["layer_ranks"])
-        for p in paths:
-            ys: list[float] = []
+    if history and history[0].get("group_ranks"):
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        gids = sorted({int(k) for r in history for k in r["group_ranks"]})
+        _colors(ax, len(gids))
+        lengths = [len(next(iter(r["group_ranks"].values()), [])) for r in history]
+        for gid in gids:
+            ys: list[float | None] = []
             for r in history:
-                ys.extend(r["layer_ranks"].get(p, []))
-            ax.plot(range(1, len(ys) + 1), ys, linewidth=0.8)
-        epochs = [len(next(iter(r["layer_ranks"].values()), [])) for r in history]
+                ys.extend(r["group_ranks"].get(str(gid), []))
+            ax.plot(range(1, len(ys) + 1), [float("nan") if y is None else y for y in ys],
+                    linewidth=1, label=_group_label(report, gid))  # fmt: skip
         edge = 0
-        for e in epochs[:-1]:
+        for e in lengths[:-1]:
             edge += e
             ax.axvline(edge + 0.5, color="grey", linewidth=0.5, linestyle=":")
-        ax.set(xlabel="epoch (dotted: new trial)", ylabel="mean rank (R3 + R4) / 2",
-               title="Rank of each layer across epochs")  # fmt: skip
+        ax.set(xlabel="epoch of the search (dotted: a new trial)",
+               ylabel="group rank (mean of its terms)",
+               title="Is each group's rank still rising? (a rising group expands)")  # fmt: skip
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        _legend_outside(ax, len(gids))
         written.append(_save(fig, out / "ranks.png"))
-    points = [
-        (r["params"], r["val_accuracy"]) for r in history if r.get("val_accuracy") is not None
+    trials = [
+        (r["params"], r["val_accuracy"], r["trial"])
+        for r in history
+        if r.get("val_accuracy") is not None and r.get("params") is not None
     ]
-    final = report.get("accuracy")
-    if points or final is not None:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o", linestyle="-", linewidth=0.8,
-                    label="trials (validation)")  # fmt: skip
-        if final is not None:
-            ax.scatter([report["params_after"]], [final], color="C3", zorder=3,
-                       label="final model (test)")  # fmt: skip
-        if report.get("baseline_accuracy") is not None:
-            ax.scatter([report["params_before"]], [report["baseline_accuracy"]], color="C2",
-                       marker="D", zorder=3, label="baseline (test)")  # fmt: skip
-        ax.set(xlabel="parameters", ylabel="accuracy", title="Accuracy against parameters")
-        ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
+    final, start = report.get("accuracy"), report.get("baseline_accuracy")
+    if trials or final is not None:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+        if trials:
+            left.scatter([t[0] for t in trials], [t[1] for t in trials], color="C0", zorder=3)
+            for p, a, t in trials:
+                left.annotate(str(t), (p, a), textcoords="offset points", xytext=(4, 4),
+                              fontsize=7)  # fmt: skip
+        left.set(xlabel="parameters", ylabel="validation accuracy",
+                 title=f"During the search (numbers: the {step})")  # fmt: skip
+        for ax_, (params, acc, name, color, marker) in (
+            (right, (report.get("params_before"), start, "model as given", "C2", "D")),
+            (right, (report.get("params_after"), final, "final model", "C3", "o")),
+        ):
+            if acc is not None and params is not None:
+                ax_.scatter([params], [acc], color=color, marker=marker, zorder=3, s=50,
+                            label=f"{name}: {acc:.4f}")  # fmt: skip
+        right.set(xlabel="parameters", ylabel="test accuracy", title="Before and after")
+        if final is not None or start is not None:
+            right.legend(fontsize=8)
+        for ax_ in (left, right):
+            ax_.set_xscale("log")
+            ax_.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax_.xaxis.set_major_formatter(EngFormatter())
+            ax_.xaxis.set_minor_formatter(NullFormatter())
+            ax_.grid(alpha=0.3)
         written.append(_save(fig, out / "accuracy_params.png"))
     return written
 
