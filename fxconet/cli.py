@@ -262,8 +262,9 @@ def _build_parser(
     opt.add_argument(
         "--method",
         choices=tuple(METHODS),
-        default="conet",
-        help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + " (conet)",
+        default=None,
+        help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+        + " (default: uniform with --target-macs/--target-params, else conet)",
     )
     opt.add_argument(
         "--epochs",
@@ -437,6 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     method_options: dict[str, Any] = {}
     if args.command == "optimize":
+        if args.method is None:
+            from fxconet.optimize import default_method
+
+            budget = args.target_macs is not None or args.target_params is not None
+            args.method = default_method(has_data=True, has_budget=budget)
         method_options = _method_options(args, flags, optimize)
         _check_config(args.method, method_options, args.seed, optimize)
     try:

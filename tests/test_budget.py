@@ -140,3 +140,12 @@ def test_cli_target_macs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["optimize", "cifar_resnet20", "--data", "digits", "--target-macs", "lots"])
     assert "--target-macs" in capsys.readouterr().err
+
+
+def test_with_a_budget_and_no_method_the_default_is_uniform_scaling():
+    from fxconet.optimize import default_method
+
+    result = fxconet.optimize_channels(cifar_resnet20(in_channels=1), X, target_macs=0.5)
+    assert result.method == "uniform"
+    assert default_method(has_data=True, has_budget=False) == "conet"
+    assert default_method(has_data=False, has_budget=False) == "static"
