@@ -429,7 +429,10 @@ def test_aps_end_to_end_report(tmp_path):
     result = fxconet.optimize_channels(
         Net(), data="digits", out=tmp_path, epochs=1, init="search", log=lines.append, **SMALL
     )
-    assert result.method == "aps" and len(result.history) == 3 and len(lines) == 3
+    assert result.method == "aps" and len(result.history) == 3
+    # one line per search epoch, then one per epoch of the final training
+    assert [line.split(" ")[0] for line in lines] == ["epoch", "epoch", "epoch", "final"]
+    assert lines[-1].startswith("final training: epoch 1/1")
     report = json.loads((tmp_path / "report.json").read_text())
     for key in ("phi", "macs_before", "macs_after", "phi_relative", "top", "history"):
         assert key in report
