@@ -117,10 +117,10 @@ def plot_history(report: Mapping[str, Any], out: str | os.PathLike[str]) -> list
         _colors(ax, len(gids))
         lengths = [len(next(iter(r["group_ranks"].values()), [])) for r in history]
         for gid in gids:
-            ys: list[float | None] = []
+            ranks: list[float | None] = []
             for r in history:
-                ys.extend(r["group_ranks"].get(str(gid), []))
-            ax.plot(range(1, len(ys) + 1), [float("nan") if y is None else y for y in ys],
+                ranks.extend(r["group_ranks"].get(str(gid), []))
+            ax.plot(range(1, len(ranks) + 1), [float("nan") if y is None else y for y in ranks],
                     linewidth=1, label=_group_label(report, gid))  # fmt: skip
         edge = 0
         for e in lengths[:-1]:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import types
 import weakref
 from typing import Any
 
@@ -37,7 +38,8 @@ _HOOK_DICTS = (
 
 
 def shallow_copy(m: nn.Module) -> nn.Module:
-    """``copy.copy(m)``, without the generic reduce machinery for plain modules (5x faster)."""
+    """``copy.copy(m)``, without the generic reduce machinery for plain modules (5x faster);
+    methods bound to ``m`` in its ``__dict__`` are bound to the copy."""
     cls = type(m)
     custom = _CUSTOM_COPY.get(cls)
     if custom is None:
@@ -48,9 +50,14 @@ def shallow_copy(m: nn.Module) -> nn.Module:
             or getattr(cls, "__setstate__", None) is not getattr(nn.Module, "__setstate__", None)
         )
     if custom:
-        return copy.copy(m)
-    new = cls.__new__(cls)
-    new.__dict__.update(m.__dict__)
+        new = copy.copy(m)
+    else:
+        new = cls.__new__(cls)
+        new.__dict__.update(m.__dict__)
+    # ``self.forward = self.forward_split`` in __init__: the copy's method is bound to the copy
+    for key, value in m.__dict__.items():
+        if isinstance(value, types.MethodType) and value.__self__ is m:
+            new.__dict__[key] = types.MethodType(value.__func__, new)
     return new
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 __all__ = [
     "META_KEY",
+    "KWONLY_KEY",
     "NodeInfo",
     "NodeView",
     "Traced",
@@ -28,7 +29,8 @@ __all__ = [
     "normalize_inputs",
 ]
 
-META_KEY = "fxconet"  # the one node.meta key fxconet writes
+META_KEY = "fxconet"  # the node.meta key of every node fxconet traces
+KWONLY_KEY = "fxconet_kwonly"  # placeholder meta: a keyword-only argument of forward
 
 
 class NodeInfo(NamedTuple):

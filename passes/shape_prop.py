@@ -7,6 +7,7 @@ nothing). Only an op without a meta kernel falls back to running on zero tensors
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,7 +17,16 @@ from torch import nn
 
 from fxconet.errors import ShapeError
 from fxconet.passes.module_copy import is_namedtuple, meta_module, real_copy, to_meta
-from fxconet.passes.nodes import META_KEY, NodeInfo, NodeView, Traced, describe_node, get_attr
+from fxconet.passes.nodes import (
+    KWONLY_KEY,
+    META_KEY,
+    NodeInfo,
+    NodeView,
+    Traced,
+    describe_node,
+    get_attr,
+    has_submodule,
+)
 from fxconet.passes.shape_rules import fast_function, fast_method, fast_module
 
 __all__ = ["bind_placeholders", "eval_node", "propagate_shapes"]
@@ -78,10 +88,10 @@ def propagate_shapes(
         except ShapeError:
             raise
         except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise ShapeError(
                 f"{describe_node(node)} failed during shape propagation: "
-                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                " (do the example inputs fit the model?)"
+                f"{type(e).__name__}: {first}{_hint(traced, node, first)}"
             ) from e
         env[node] = value
         if record:
@@ -93,16 +103,60 @@ def propagate_shapes(
     return env
 
 
+_WIDTH_MISMATCH = re.compile(
+    r"to have \d+ channels|mat1 and mat2 shapes cannot be multiplied|running_mean should contain"
+    r"|[Ee]xpected .*channels|must match the size of tensor b"
+)
+
+
+def _hint(traced: Traced, node: torch.fx.Node, message: str) -> str:
+    """What to check after an op failed: the inputs, or (a layer got another width than its
+    weights expect) a Python branch that went another way under tracing."""
+    if not _WIDTH_MISMATCH.search(message):
+        return " (do the example inputs fit the model?)"
+    info = node.meta.get(META_KEY)
+    scope = info.scope if isinstance(info, NodeInfo) else ""
+    path = str(node.target) if node.op == "call_module" else scope
+    parts = path.split(".") if path else []
+    outer = parts[0] if parts else ""
+    if outer and has_submodule(traced.root, outer):
+        where = f"`{outer}` ({type(traced.root.get_submodule(outer)).__name__})"
+        fix = (
+            f"pass leaf_modules=[{type(traced.root.get_submodule(outer)).__name__}] "
+            f"(or the path {outer!r}) to keep that module opaque"
+        )
+    else:
+        where, fix = f"`{traced.name}.forward`", "pass leaf_modules=[...] for the module"
+    return (
+        ". A layer received another width than its weights expect: if the example inputs fit "
+        f"the model, a Python branch in {where} or a module inside it probably went another way "
+        "while tracing than it does when the model runs (an isinstance check on a tensor, "
+        f"torch.jit.isinstance, a test of a tensor's value). Fix: {fix}, or fix the branch "
+        "with concrete_args={...}"
+    )
+
+
 def bind_placeholders(
     placeholders: list[torch.fx.Node], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> dict[torch.fx.Node, Any]:
     bound: dict[torch.fx.Node, Any] = {}
     pos = list(args)
+    kwargs = dict(kwargs)
+    named = [p for p in placeholders if not str(p.target).startswith("*")]
     for ph in placeholders:
-        name = str(ph.target).lstrip("*")
-        if name in kwargs:
+        target = str(ph.target)
+        name = target.lstrip("*")
+        if target.startswith("**"):  # what is left of the keyword inputs
+            rest = {k: v for k, v in kwargs.items() if k not in {str(p.target) for p in named}}
+            bound[ph] = to_meta(rest)
+            for k in rest:
+                kwargs.pop(k)
+        elif target.startswith("*"):  # what is left of the positional inputs
+            bound[ph] = to_meta(tuple(pos))
+            pos.clear()
+        elif name in kwargs:
             bound[ph] = to_meta(kwargs.pop(name))
-        elif pos:
+        elif pos and not ph.meta.get(KWONLY_KEY):
             bound[ph] = to_meta(pos.pop(0))
         elif ph.args:  # default value recorded by the tracer
             bound[ph] = to_meta(ph.args[0])

@@ -261,11 +261,23 @@ class RuleContext:
     ) -> None:
         """Make raw parameters used by a functional conv/linear (``F.conv2d(x, self.w, self.b)``)
         a layer like a module's weight: in/out roles, the bias attached to the weight's layer,
-        and the layer's channel layouts. Nodes other than ``get_attr`` are ignored."""
+        and the layer's channel layouts. A weight computed from a parameter of the same shape
+        through a chain of ops on their first argument (weight standardisation:
+        ``F.batch_norm(w.reshape(1, o, -1), ...).reshape_as(w)``) is that parameter's layer;
+        other nodes are ignored."""
         solver = self._solver
 
         def record(node: Any) -> ParamRecord | None:
-            if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+            if not isinstance(node, torch.fx.Node):
+                return None
+            shape = _shape_of(node)
+            for _ in range(8):
+                if node.op == "get_attr" or not node.args:
+                    break
+                if not isinstance(node.args[0], torch.fx.Node):
+                    return None
+                node = node.args[0]
+            if node.op != "get_attr" or _shape_of(node) != shape:
                 return None
             return next((r for r in solver.params.values() if r.path == str(node.target)), None)
 
@@ -366,6 +378,12 @@ class RuleContext:
         return self.fixed_like(self.out, "output of an opaque op")
 
 
+def _shape_of(node: torch.fx.Node) -> tuple[int, ...] | None:
+    info = node.meta.get(META_KEY)
+    value = info.value if isinstance(info, NodeInfo) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
 def freeze_dims(slots: Slots, dims: Any, reason: str) -> None:
     """Freeze every Layout in a (nested) Dims value."""
     for layout in iter_layouts(dims):
@@ -393,10 +411,17 @@ class _Solver:
         if unknown:
             raise KeyError(f"freeze= names unknown module paths {sorted(unknown)}")
 
-    def param_dims(self, t: torch.Tensor, path: str, like: Dims | None = None) -> Dims:
+    def param_dims(
+        self,
+        t: torch.Tensor,
+        path: str,
+        like: Dims | None = None,
+        *,
+        kernel_from: int | None = None,
+    ) -> Dims:
         """Per-dim layouts of a parameter: ``like`` for one seen here first whose shape fits it
         (what a fresh layout tied to ``like`` would become, without the variables), else one
-        fresh variable per dim."""
+        fresh variable per dim (dims from ``kernel_from`` on frozen: a conv weight's kernel)."""
         rec = self.params.get(id(t))
         if rec is None:
             slots = self.slots
@@ -407,7 +432,12 @@ class _Solver:
             ):
                 dims = like
             else:
-                dims = tuple([slots.layout(int(s)) for s in t.shape])
+                dims = tuple(
+                    slots.layout(int(s), reason=f"kernel dim of `{path}`")
+                    if kernel_from is not None and k >= kernel_from
+                    else slots.layout(int(s))
+                    for k, s in enumerate(t.shape)
+                )
             rec = ParamRecord(path=path, tensor=t, dims=dims)
             self.params[id(t)] = rec
         return rec.dims
@@ -462,8 +492,17 @@ class _Solver:
             return
         if node.op == "get_attr":
             if isinstance(value, torch.Tensor):
-                t = get_attr(self.traced.root, str(node.target))
-                self.dims[node.name] = self.param_dims(t, str(node.target))
+                target = str(node.target)
+                t = get_attr(self.traced.root, target)
+                owner, _, attr = target.rpartition(".")
+                mod = (
+                    self.traced.module(owner)
+                    if owner and has_submodule(self.traced.root, owner)
+                    else None
+                )
+                # a conv's own weight read raw (weight standardisation): its kernel dims are fixed
+                kernel = isinstance(mod, nn.modules.conv._ConvNd) and attr == "weight"
+                self.dims[node.name] = self.param_dims(t, target, kernel_from=2 if kernel else None)
                 rec = self.layers.get(str(node.target))
                 if rec is None:
                     self.layers[str(node.target)] = LayerRecord(

@@ -12,6 +12,9 @@ The tracer's shortcuts through fx's internals live in :mod:`fxconet.passes.fx_co
 
 from __future__ import annotations
 
+import inspect
+import operator
+import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -23,6 +26,7 @@ from fxconet.errors import TraceError
 from fxconet.passes import fx_compat
 from fxconet.passes.module_copy import structural_copy, to_meta
 from fxconet.passes.nodes import (
+    KWONLY_KEY,
     META_KEY,
     NodeInfo,
     NodeView,
@@ -75,6 +79,10 @@ class _ValueProxy(torch.fx.Proxy):
             return n
         return super().__len__()
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``y[:, 2::3] = v``: recorded as ``operator.setitem`` (fx keeps it: it is impure)."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
     def __index__(self) -> int:
         tracer = self.tracer
         if isinstance(tracer, _Tracer) and tracer.example is not None:
@@ -88,6 +96,50 @@ class _ValueProxy(torch.fx.Proxy):
 
 
 _PLAIN_ARGS = frozenset({int, float, bool, str, type(None)})
+_Example = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _without_varargs(fn: Callable[..., Any], example: _Example | None) -> Callable[..., Any]:
+    """``fn`` without its ``*args``/``**kwargs`` when the example inputs leave them empty.
+
+    A ``forward(self, x, *args, **kwargs)`` (every ultralytics model) traces with ``args = ()``
+    and ``kwargs = {}`` as constants, so code that unpacks or iterates them traces as it runs;
+    fx alone makes them placeholders that no example input binds. The wrapper is generated with
+    the named parameters and their defaults (fx reads its code object, so it cannot be a
+    ``functools.wraps`` wrapper); the traced graph takes the named arguments only.
+    """
+    code = getattr(fn, "__code__", None)
+    if code is None or not code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+        return fn
+    params = list(inspect.signature(fn).parameters.values())
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if example is not None:
+        args, kwargs = example
+        positional = [p for p in named if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(args) + 1 > len(positional) or set(kwargs) - {p.name for p in named}:
+            return fn  # the example fills the varargs: fx's placeholders bind them
+    env: dict[str, Any] = {"__fn": fn}
+    head, call, star = [], [], False
+    for i, p in enumerate(named):
+        if not p.name.isidentifier() or p.name.startswith("__"):
+            return fn
+        text = p.name
+        if p.default is not p.empty:
+            env[f"__d{i}"] = p.default
+            text += f"=__d{i}"
+        if p.kind is p.KEYWORD_ONLY:
+            if not star:
+                head.append("*")
+                star = True
+            call.append(f"{p.name}={p.name}")
+        else:
+            call.append(p.name)
+        head.append(text)
+    src = f"def {code.co_name}({', '.join(head)}):\n    return __fn({', '.join(call)})\n"
+    exec(compile(src, code.co_filename, "exec"), env)  # our own text: names and defaults only
+    wrapper = env[code.co_name]
+    wrapper.__qualname__ = getattr(fn, "__qualname__", code.co_name)
+    return wrapper
 
 
 class _Tracer(torch.fx.Tracer):
@@ -124,6 +176,33 @@ class _Tracer(torch.fx.Tracer):
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _ValueProxy(node, self)
+
+    def create_args_for_root(
+        self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
+    ) -> tuple[Any, list[Any]]:
+        """fx's placeholders from the root's signature, with empty ``*args``/``**kwargs``
+        bound as constants (:func:`_without_varargs`); a ``forward`` rebound on the root
+        instance is the one traced (fx would trace the class's)."""
+        if is_module:
+            bound = self.root.__dict__.get("forward")  # rebound on the instance in __init__
+            if isinstance(bound, types.MethodType) and bound.__self__ is self.root:
+                root_fn = bound.__func__
+            root_fn = _without_varargs(root_fn, self.example)
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        try:
+            params = inspect.signature(inspect.unwrap(root_fn)).parameters.values()
+        except (TypeError, ValueError):
+            return fn, args
+        kwonly = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+        placeholders = list(self.graph.find_nodes(op="placeholder"))
+        star = next((n for n in placeholders if str(n.target).startswith("*")), None)
+        for node in placeholders:
+            if node.target in kwonly:  # bound from keyword inputs or its default only
+                node.meta[KWONLY_KEY] = True
+                if star is not None:  # after ``*args`` the generated forward keeps it keyword-only
+                    star.append(node)
+                    star = node
+        return fn, args
 
     def trace(
         self,

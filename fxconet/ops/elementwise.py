@@ -44,6 +44,8 @@ __all__ = ["elementwise", "opaque", "same", "same_checked", "softmax"]
         "requires_grad_", "square", "sign", "erf", "hardswish", "nan_to_num", "cpu", "cuda",
         "zero_",
     ],
+    # channel-preserving: identity in eval mode, a per-sample (or per-element) mask in training
+    functions=["torchvision.ops.stochastic_depth.stochastic_depth"],
 )  # fmt: skip
 def same(ctx: RuleContext) -> Any:
     """Output has the first tensor input's shape and channels (activations, dropout, casts)."""

@@ -246,3 +246,10 @@ def _expand_ellipsis(items: tuple, ndim: int) -> tuple:
     k = items.index(Ellipsis)
     used = sum(1 for i in items if i is not None and i is not Ellipsis)
     return items[:k] + (slice(None),) * (ndim - used) + items[k + 1 :]
+
+
+@builtin(operator.setitem)
+def _setitem(ctx: RuleContext) -> Any:
+    """``y[key] = v`` in place: every channel of ``y`` and ``v`` frozen (the assignment's
+    indices are literals of the original widths, and ``y``'s later readers see the writes)."""
+    return ctx.opaque("in-place item assignment (y[...] = v) keeps the original widths")

@@ -57,6 +57,10 @@ def _functional_batch_norm(ctx: RuleContext) -> Any:
         d = ctx.dims(a) if isinstance(a, torch.fx.Node) else None
         if d is not None:
             ctx.tie(d[0], xd[1])
+    for k, layout in enumerate(xd):
+        if k != 1 and ctx.variable(layout):
+            # statistics over these dims (weight standardisation: the input channels)
+            ctx.inexact(layout)
     return xd
 
 

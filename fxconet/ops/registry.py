@@ -62,6 +62,7 @@ class OpRule:
 _MODULES: dict[type, OpRule] = {}
 _FUNCTIONS: dict[Any, OpRule] = {}
 _METHODS: dict[str, OpRule] = {}
+_BY_NAME: dict[str, OpRule] = {}  # functions of other libraries by qualified name (not imported)
 # fxconet's own update functions: they only assign module attributes, so the rewrite may run
 # them on a shallow copy (a user's update might change an attribute's value in place)
 _ASSIGNS_ONLY: set[Callable[..., Any]] = set()
@@ -86,9 +87,12 @@ def lookup(node: torch.fx.Node, module: nn.Module | None) -> OpRule | None:
         return None
     if node.op == "call_function":
         try:
-            return _FUNCTIONS.get(node.target)
+            rule = _FUNCTIONS.get(node.target)
         except TypeError:  # unhashable target
             return None
+        if rule is None and _BY_NAME:
+            rule = _BY_NAME.get(_qualified(node.target))
+        return rule
     if node.op == "call_method":
         return _METHODS.get(str(node.target))
     return None
@@ -103,9 +107,16 @@ def registered_ops() -> dict[str, list[str]]:
     """
     return {
         "modules": sorted(t.__name__ for t in _MODULES),
-        "functions": sorted({getattr(f, "__name__", str(f)) for f in _FUNCTIONS}),
+        "functions": sorted(
+            {getattr(f, "__name__", str(f)) for f in _FUNCTIONS}
+            | {name.rpartition(".")[2] for name in _BY_NAME}
+        ),
         "methods": sorted(_METHODS),
     }
+
+
+def _qualified(target: Any) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', '')}"
 
 
 def _name(target: Any) -> str:
@@ -193,10 +204,13 @@ def register_op(
 def builtin(
     *targets: Any,
     methods: Iterable[str] = (),
+    functions: Iterable[str] = (),
     update: Update | None = None,
 ) -> Callable[[_R], _R]:
     """Register the decorated function as fxconet's rule for ``targets`` (module types and
-    functions) and tensor ``methods``; a second built-in rule for a target is an error.
+    functions), tensor ``methods`` and ``functions`` of other libraries named by their
+    qualified name (``"torchvision.ops.stochastic_depth.stochastic_depth"``: nothing is
+    imported); a second built-in rule for a target is an error.
 
     Example:
         >>> @builtin(nn.ReLU, torch.relu, methods=["relu"])
@@ -206,6 +220,10 @@ def builtin(
     def register(fn: _R) -> _R:
         for t in (*targets, *methods):
             _add(t, OpRule(fn, update, name=_name(t)), replace=False)
+        for name in functions:
+            if name in _BY_NAME:
+                raise UnsupportedOpError(f"{name} already has the rule {_BY_NAME[name].name}")
+            _BY_NAME[name] = OpRule(fn, update, name=name.rpartition(".")[2])
         if update is not None:
             _ASSIGNS_ONLY.add(update)
         return fn
@@ -229,9 +247,12 @@ def scoped() -> Iterator[None]:
         ...     graph = fxconet.analyze(model, x, leaf_modules=[MySwish])
     """
     modules, functions, methods = dict(_MODULES), dict(_FUNCTIONS), dict(_METHODS)
+    by_name = dict(_BY_NAME)
     try:
         yield
     finally:
+        _BY_NAME.clear()
+        _BY_NAME.update(by_name)
         _MODULES.clear()
         _MODULES.update(modules)
         _FUNCTIONS.clear()

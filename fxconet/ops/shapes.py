@@ -41,10 +41,12 @@ def _arg_kinds(shape_args: list[Any]) -> list[str]:
 
 
 def _reshape_to(
-    ctx: RuleContext, x: Any, kinds: list[str] | None
+    ctx: RuleContext, x: Any, kinds: list[str] | None, *, by_structure: bool = False
 ) -> tuple[Any, list[Layout] | None]:
     """Layouts of a reshape's output; ``kinds`` says for each output dim whether its size was a
-    literal, inferred (-1) or computed at run time (None: flatten, which only merges)."""
+    literal, inferred (-1) or computed at run time (None: flatten, which only merges).
+    ``by_structure``: where channels split into several computed sizes, the one that carries
+    them is the dim whose outer and inner sizes match the channels' layout (``reshape_as``)."""
     xd = ctx.dims(x)
     out = ctx.out
     if xd is None or not is_tensor(out):
@@ -76,7 +78,7 @@ def _reshape_to(
                 seg_out.append(out_pos[j])
                 pj *= outs[out_pos[j]]
                 j += 1
-        _reshape_segment(ctx, xd, ins, outs, seg_in, seg_out, kinds, result)
+        _reshape_segment(ctx, xd, ins, outs, seg_in, seg_out, kinds, result, by_structure)
     final = [
         r if r is not None else ctx.fixed(outs[k], "reshaped dim") for k, r in enumerate(result)
     ]
@@ -92,6 +94,7 @@ def _reshape_segment(
     seg_out: list[int],
     kinds: list[str],
     result: list[Layout | None],
+    by_structure: bool = False,
 ) -> None:
     """Input dims ``seg_in`` become output dims ``seg_out`` (equal products)."""
     variable = [k for k in seg_in if ctx.variable(xd[k])]
@@ -117,6 +120,8 @@ def _reshape_segment(
         return
     if len(seg_in) == 1:  # split: one output dim carries the channels, the others are counts
         cands = [j for j in seg_out if kinds[j] in ("infer", "dynamic")]
+        if len(cands) > 1 and by_structure:
+            cands = _carrier(xd[seg_in[0]], outs, seg_out, cands)
         if len(cands) != 1:
             ctx.freeze(
                 xd[seg_in[0]],
@@ -140,6 +145,24 @@ def _reshape_segment(
         ctx.freeze(xd[m], reason=why)
     for j in seg_out:
         result[j] = ctx.fixed(outs[j], "reshaped dim")
+
+
+def _carrier(
+    layout: Layout, outs: tuple[int, ...], seg_out: list[int], cands: list[int]
+) -> list[int]:
+    """The candidate dim ``j`` of a split whose outer/inner sizes equal every block's
+    (``(o, c, 9)`` split into ``(c, 3, 3)``: the first); all candidates when none fits."""
+    outer = {b.outer for b in layout}
+    inner = {b.inner for b in layout}
+    if len(outer) != 1 or len(inner) != 1:
+        return cands
+    fit = [
+        j
+        for j in cands
+        if math.prod(outs[m] for m in seg_out if m < j) == next(iter(outer))
+        and math.prod(outs[m] for m in seg_out if m > j) == next(iter(inner))
+    ]
+    return fit if len(fit) == 1 else cands
 
 
 @builtin(torch.reshape, methods=["view", "reshape"])
@@ -184,6 +207,23 @@ def _view(ctx: RuleContext) -> Any:
             return {"args": (args[0], *new)}
 
         ctx.rewrite(fix)
+    return out
+
+
+@builtin(methods=["reshape_as", "view_as"])
+def _view_as(ctx: RuleContext) -> Any:
+    """``x.reshape_as(y)`` (weight standardisation: ``w.reshape(1, o, -1)`` normalised, then
+    reshaped back): ``x.reshape(y.shape)``, each output dim sized like ``y``'s."""
+    x, other = ctx.node.args[0], ctx.arg(1, "other")
+    yd = ctx.dims(other)
+    if yd is None or not is_tensor(ctx.out):
+        return ctx.opaque()
+    ctx.dynamic()
+    kinds = ["dynamic" if ctx.variable(layout) else "literal" for layout in yd]
+    out, layouts = _reshape_to(ctx, x, kinds, by_structure=True)
+    if layouts is not None:
+        for a, b in zip(layouts, yd, strict=True):
+            _same_size(ctx, a, b)
     return out
 
 

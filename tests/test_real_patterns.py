@@ -1,0 +1,229 @@
+"""Patterns of real CNN libraries, each on a tiny inline model: varargs forwards (ultralytics),
+in-place slice assignment (YOLO pose), a forward rebound on the instance (timm FasterNet),
+weight-standardised convs (timm BiT, NFNets), stochastic depth (EfficientNet, ConvNeXt), and a
+branch that goes another way under tracing (MONAI BasicUNet)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import StochasticDepth
+
+import fxconet
+from fxconet.testing import check_all
+
+
+def _free(graph: fxconet.ChannelGraph) -> list[int]:
+    return [g.id for g in graph.groups if not g.frozen]
+
+
+def _checks(model: nn.Module, x: torch.Tensor, **kwargs: object) -> None:
+    results = check_all(model.eval(), x, **kwargs)
+    assert all(r.ok for r in results), [r for r in results if not r.ok]
+
+
+class _Body(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+
+class Varargs(_Body):
+    """``forward(self, x, *args, **kwargs)`` that unpacks and iterates its varargs."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        for key in kwargs:  # iterating kwargs must trace (it is empty)
+            raise AssertionError(key)
+        return self.predict(x, *args, **kwargs)
+
+    def predict(self, x: torch.Tensor, scale: float = 1.0, *, shift: float = 0.0) -> torch.Tensor:
+        return self.b(self.a(x).relu()) * scale + shift
+
+
+def test_empty_varargs_bind_to_constants():
+    model = Varargs()
+    x = torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    assert len(_free(graph)) == 1
+    gm = fxconet.resize(graph, {_free(graph)[0]: 5})
+    assert gm(x).shape == (2, 4, 8, 8)
+    _checks(model, x)
+
+
+class KeywordOnly(_Body):
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor, gain: float = 2.0) -> torch.Tensor:
+        return self.b(self.a(x)) * gain + sum(rest, torch.zeros(()))
+
+
+def test_keyword_only_defaults_kept_and_given_varargs_still_bind():
+    model = KeywordOnly().eval()
+    x = torch.randn(1, 3, 8, 8)
+    gm = fxconet.resize(fxconet.analyze(model, x), {})
+    torch.testing.assert_close(gm(x), model(x))
+    # an example input for *rest: fx's placeholder binds it, nothing is dropped
+    extra = torch.ones(1, 4, 8, 8)
+    graph = fxconet.analyze(model, (x, extra))
+    torch.testing.assert_close(fxconet.resize(graph, {})(x, extra), model(x, extra))
+
+
+class PoseHead(nn.Module):
+    """``y[:, 2::3] = y[:, 2::3].sigmoid()`` in place, as YOLO pose decodes keypoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.kpt = nn.Conv2d(16, 9, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kpt(self.stem(x).relu()).flatten(2)
+        y[:, 2::3] = y[:, 2::3].sigmoid()
+        return y
+
+
+def test_inplace_slice_assignment_traces_and_freezes_the_assigned_tensor():
+    model = PoseHead().eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    stem = next(g for g in graph.groups if "stem" in g.producers)
+    assert not stem.frozen  # the assignment's channels stay fixed, the stem's are free
+    gm = fxconet.resize(graph, {stem.id: 7})
+    assert gm.get_submodule("stem").out_channels == 7
+    out = gm(x)
+    assert out.shape == (1, 9, 64) and ((out[:, 2::3] > 0) & (out[:, 2::3] < 1)).all()
+    torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x))
+    _checks(model, x)
+
+
+class Rebound(nn.Module):
+    """``self.forward = self.forward_split`` in ``__init__`` (timm FasterNet's partial conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.forward = self.forward_split  # type: ignore[method-assign]
+
+    def forward_split(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(x, [4, x.shape[1] - 4], dim=1)
+        return torch.cat([self.conv(a), b], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # never called
+        raise AssertionError("the class's forward was traced")
+
+
+class WithRebound(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.mix = Rebound()
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(self.stem(x)))
+
+
+@pytest.mark.parametrize("root", [False, True], ids=["submodule", "root"])
+def test_forward_rebound_on_the_instance_is_the_one_traced(root):
+    model = (Rebound() if root else WithRebound()).eval()
+    x = torch.randn(1, 4 if root else 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x))
+    if not root:
+        _checks(model, x)
+
+
+class StdConv(nn.Conv2d):
+    """A weight-standardised conv: each output channel's weights normalised over its inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-6
+        ).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class StdNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = StdConv(3, 16, 3, padding=1)
+        self.b = StdConv(16, 24, 3, padding=1)
+        self.c = nn.Conv2d(24, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x).relu()).relu())
+
+
+def test_weight_standardised_convs_are_free_and_inexact_on_their_inputs():
+    model = StdNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    by_size = {g.size: g for g in graph.groups}
+    assert not by_size[16].frozen and not by_size[24].frozen
+    # b standardises over its 16 input channels: growing them changes the statistics
+    assert not by_size[16].exact and by_size[24].exact
+    gm = fxconet.resize(graph, {by_size[16].id: 10, by_size[24].id: 30})
+    assert gm(x).shape == (2, 5, 8, 8)
+    torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x))
+    _checks(model, x)
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 8, 1))
+        self.drop = StochasticDepth(0.2, "row")
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(h + self.drop(self.body(h)))
+
+
+def test_stochastic_depth_preserves_channels():
+    model = Residual().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    stream = next(g for g in graph.groups if "stem" in g.producers)
+    assert not stream.frozen and "body.2" in stream.producers
+    assert fxconet.resize(graph, {stream.id: 11})(x).shape == (2, 4, 8, 8)
+    # in training mode too (a per-sample mask over the batch)
+    train_graph = fxconet.analyze(Residual().train(), x)
+    assert len(_free(train_graph)) == len(_free(graph)) == 2
+    _checks(model, x)
+
+
+class Up(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(skip, torch.Tensor) and type(skip) is torch.Tensor:  # False for a Proxy
+            x = torch.cat([x, skip], 1)
+        return self.conv(x)
+
+
+class SkipNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = Up()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.enc(x)
+        return self.up(e, e)
+
+
+def test_a_branch_taken_otherwise_under_tracing_names_the_module_and_the_fix():
+    model = SkipNet().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(fxconet.ShapeError) as info:
+        fxconet.analyze(model, x)
+    message = str(info.value)
+    assert "`up` (Up)" in message and "leaf_modules=[Up]" in message and "branch" in message
+    assert "do the example inputs fit" not in message
+    graph = fxconet.analyze(model, x, leaf_modules=[Up])  # the fix it names works
+    torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x))
