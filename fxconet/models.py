@@ -339,6 +339,31 @@ def _resolve_callable(spec: str) -> Callable[..., Any]:
     return obj
 
 
+def _build_timm(name: str, num_classes: int, in_channels: int, *, strict: bool) -> nn.Module | None:
+    """A timm model by name (``pretrained=False``, timm's ``num_classes`` and ``in_chans``);
+    None when timm is not installed or does not know the name, unless ``strict``."""
+    try:
+        import timm
+    except ImportError as e:
+        if strict:
+            raise ModelError(f"timm:{name}: timm is not installed (pip install timm)") from e
+        return None
+    if not timm.is_model(name):
+        if not strict:
+            return None
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"timm:{name}: timm has no model {name!r}{hint}")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    assert isinstance(model, nn.Module)
+    return model
+
+
+# Keyword names of the class count and input channels for factories of libraries that take
+# them through **kwargs (a factory's own named parameters are always used first).
+_LIBRARY_KWARGS = {"timm": {"num_classes": "num_classes", "in_channels": "in_chans"}}
+
+
 def _build_from_callable(
     spec: str, num_classes: int, in_channels: int, image_size: int | Sequence[int] | None
 ) -> nn.Module:
@@ -358,10 +383,16 @@ def _build_from_callable(
         in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         and not (k == "image_size" and v is None)
     }
+    library = getattr(factory, "__module__", "").partition(".")[0]
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if library in _LIBRARY_KWARGS and takes_kwargs:
+        for ours, theirs in _LIBRARY_KWARGS[library].items():
+            if ours not in kwargs and theirs not in params:
+                kwargs[theirs] = offered[ours]
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ModelError(f"{spec!r}: returned a {type(model).__name__}, not an nn.Module")
-    if "in_channels" not in kwargs:
+    if "in_channels" not in kwargs and "in_chans" not in kwargs:
         # A model without convs (an MLP, say) is the callable's business: leave it.
         _replace_first_conv(model, in_channels, spec, strict=False)
     return model
@@ -377,7 +408,9 @@ def build_model(
     """Build an untrained model from a name.
 
     Args:
-        spec: one of :func:`available_models`, or ``"package.module:callable"``. Ours get
+        spec: one of :func:`available_models`, a timm model (``"timm:resnet18d"``, or the
+            bare name when neither we nor torchvision have it; timm must be installed), or
+            ``"package.module:callable"``. Ours get
             ``num_classes`` and ``in_channels``. Torchvision models are built with
             ``weights=None`` and ``num_classes``; for ``in_channels != 3`` the first
             ``nn.Conv2d`` in module order is replaced by one taking ``in_channels`` with the
@@ -404,15 +437,20 @@ def build_model(
     """
     if spec in _OURS:
         return _OURS[spec](num_classes=num_classes, in_channels=in_channels)
+    if spec.startswith("timm:"):
+        return _build_timm(spec.removeprefix("timm:"), num_classes, in_channels, strict=True)
     if ":" in spec:
         return _build_from_callable(spec, num_classes, in_channels, image_size)
     if spec in _torchvision_models():
         return _build_torchvision(spec, num_classes, in_channels, image_size)
+    timm_model = _build_timm(spec, num_classes, in_channels, strict=False)
+    if timm_model is not None:
+        return timm_model
     candidates = available_models()
     close = difflib.get_close_matches(spec, candidates, n=5, cutoff=0.6)
     close += [c for c in candidates if spec and spec.lower() in c.lower() and c not in close][:3]
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ModelError(
         f"unknown model {spec!r}; {hint}see fxconet.models.available_models() "
-        "or pass 'package.module:callable'"
+        "or pass 'timm:NAME' or 'package.module:callable'"
     )

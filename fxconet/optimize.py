@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from fxconet.api import analyze, resize
 from fxconet.cost import Budget, CostModel, Projection, count_params, fit_budget
 from fxconet.errors import SearchError
 from fxconet.ir import ChannelGraph
+from fxconet.passes.nodes import META_KEY
 from fxconet.report import before_after_table, write_report
 from fxconet.strategies import SearchContext, SearchOutcome, get_method
 from fxconet.strategies.loop import logger
@@ -153,6 +155,29 @@ class OptimizeResult:
         return before_after_table(self.report(), {g.id: g.size for g in self.graph.groups})
 
 
+def _check_classes(graph: ChannelGraph, data: str, root: Any) -> None:
+    """Warn when a classifier's output width is not the dataset's number of classes (a
+    1000-class head trained on 10 labels)."""
+    try:
+        classes = data_mod.dataset_info(data, root=root).num_classes
+    except Exception:  # the loader itself reports unusable data
+        return
+    out = graph.state.traced.graph.output_node().args[0] if graph.state is not None else None
+    value = out.meta.get(META_KEY) if isinstance(out, torch.fx.Node) else None
+    shape = getattr(getattr(value, "value", None), "shape", None)
+    if shape is not None and len(shape) == 2 and shape[1] != classes:
+        effect = (
+            f"its {shape[1] - classes} extra outputs are never a correct label"
+            if shape[1] > classes
+            else f"labels from {shape[1]} on cannot be predicted"
+        )
+        warnings.warn(
+            f"{graph.model_name} outputs {shape[1]} values per example but {data!r} has "
+            f"{classes} classes ({effect}): build the model with {classes} outputs",
+            stacklevel=3,
+        )
+
+
 def optimize_channels(
     model: nn.Module,
     example_inputs: Any = None,
@@ -274,6 +299,8 @@ def optimize_channels(
         concrete_args=options.get("concrete_args"),
         freeze=options.get("freeze", ()),
     )
+    if isinstance(data, str):
+        _check_classes(graph, data, options.get("data_dir"))
     cost = CostModel(graph)
     baseline_accuracy = None
     if test_data is not None and options.get("baseline", True):

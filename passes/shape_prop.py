@@ -109,15 +109,31 @@ _WIDTH_MISMATCH = re.compile(
 )
 
 
+def _after_a_layer(node: torch.fx.Node) -> bool:
+    """Whether a module call lies between the model's inputs and ``node`` (else a width
+    mismatch is the example inputs', not a branch's)."""
+    seen: set[torch.fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_module":
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
 def _hint(traced: Traced, node: torch.fx.Node, message: str) -> str:
     """What to check after an op failed: the inputs, or (a layer got another width than its
     weights expect) a Python branch that went another way under tracing."""
-    if not _WIDTH_MISMATCH.search(message):
+    if not _WIDTH_MISMATCH.search(message) or not _after_a_layer(node):
         return " (do the example inputs fit the model?)"
     info = node.meta.get(META_KEY)
     scope = info.scope if isinstance(info, NodeInfo) else ""
-    path = str(node.target) if node.op == "call_module" else scope
-    parts = path.split(".") if path else []
+    path = str(node.target) if node.op == "call_module" else scope + "."
+    parts = path.split(".")[:-1]  # the modules around the layer
     outer = parts[0] if parts else ""
     if outer and has_submodule(traced.root, outer):
         where = f"`{outer}` ({type(traced.root.get_submodule(outer)).__name__})"

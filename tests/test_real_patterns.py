@@ -227,3 +227,28 @@ def test_a_branch_taken_otherwise_under_tracing_names_the_module_and_the_fix():
     assert "do the example inputs fit" not in message
     graph = fxconet.analyze(model, x, leaf_modules=[Up])  # the fix it names works
     torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x))
+
+
+def test_a_width_mismatch_at_the_first_layer_blames_the_inputs():
+    model = SkipNet().eval()
+    with pytest.raises(fxconet.ShapeError, match=r"do the example inputs fit the model\?\)$"):
+        fxconet.analyze(model, torch.randn(1, 5, 8, 8))
+
+
+def test_a_head_wider_than_the_dataset_warns():
+    model = fxconet.models.build_model("resnet18", num_classes=1000, in_channels=1)
+    with pytest.warns(UserWarning, match=r"outputs 1000 values .* 'digits' has 10 classes"):
+        fxconet.optimize_channels(model, data="digits", method="uniform", epochs=0, progress=False)
+
+
+def test_timm_models_by_name_get_the_classes_and_input_channels():
+    pytest.importorskip("timm", reason="timm is in the zoo extra")
+    for spec in ("timm:resnet18d", "resnet18d", "timm.models:resnet18d"):
+        model = fxconet.models.build_model(spec, num_classes=7, in_channels=1)
+        assert model.fc.out_features == 7 and model.conv1[0].in_channels == 1, spec
+    # torchvision's name wins where both libraries have one
+    assert type(fxconet.models.build_model("resnet18", num_classes=7)).__module__.startswith(
+        "torchvision"
+    )
+    with pytest.raises(fxconet.errors.ModelError, match="did you mean resnet18d"):
+        fxconet.models.build_model("timm:resnet18dd", num_classes=7)
