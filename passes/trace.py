@@ -412,6 +412,50 @@ def _leaf_spec(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], fr
     return tuple(types), frozenset(paths)
 
 
+def _refuse_unsupported(model: nn.Module) -> None:
+    """Refuse what a trace would drop or a resize would break, naming the module and the fix:
+    parametrized layers, the legacy ``weight_norm``/``spectral_norm`` hooks, hooks on the root.
+    """
+    from torch.nn.utils import parametrize
+
+    name = type(model).__name__
+    for path, m in model.named_modules():
+        where = f"module `{path}` ({type(m).__name__})" if path else f"the root ({name})"
+        if parametrize.is_parametrized(m):
+            tensors = sorted(m.parametrizations.keys())  # type: ignore[union-attr, operator]
+            raise TraceError(
+                f"{where} has parametrized tensors {tensors} (torch.nn.utils.parametrize: "
+                "weight_norm, spectral_norm, orthogonal ...), which fxconet cannot resize yet. "
+                "Fix: torch.nn.utils.parametrize.remove_parametrizations(module, name) before "
+                "analyze, and apply the parametrization again to the resized model"
+            )
+        for hook in m._forward_pre_hooks.values():
+            kind = type(hook).__name__
+            if kind in ("WeightNorm", "SpectralNorm"):
+                fix = "remove_weight_norm" if kind == "WeightNorm" else "remove_spectral_norm"
+                raise TraceError(
+                    f"{where} uses the legacy torch.nn.utils.{kind[:-4].lower()}_norm hook "
+                    f"({kind}), whose extra weights a resize would leave at the old width. Fix: "
+                    f"torch.nn.utils.{fix}(module) before analyze, and apply it again to the "
+                    "resized model"
+                )
+    hooks = [
+        what
+        for what, table in (
+            ("forward hooks", model._forward_hooks),
+            ("forward pre-hooks", model._forward_pre_hooks),
+        )
+        if table
+    ]
+    if hooks:
+        raise TraceError(
+            f"the root module ({name}) has {' and '.join(hooks)}, which a traced graph would "
+            "drop (its forward is traced, not called). Fix: remove them before analyze and "
+            "register them on the resized model, or analyze a wrapper module that calls the "
+            "hooked model as a submodule"
+        )
+
+
 def trace_model(
     model: nn.Module,
     *,
@@ -429,6 +473,7 @@ def trace_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    _refuse_unsupported(model)
     paths: dict[str, nn.Module] = {}
     root = structural_copy(model, paths)
     leaf_types, leaf_paths = _leaf_spec(leaf_modules)

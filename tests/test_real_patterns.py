@@ -252,3 +252,45 @@ def test_timm_models_by_name_get_the_classes_and_input_channels():
     )
     with pytest.raises(fxconet.errors.ModelError, match="did you mean resnet18d"):
         fxconet.models.build_model("timm:resnet18dd", num_classes=7)
+
+
+def _small() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+
+@pytest.mark.parametrize(
+    "apply, match",
+    [
+        (lambda m: torch.nn.utils.parametrizations.weight_norm(m[0]), "remove_parametrizations"),
+        (lambda m: torch.nn.utils.parametrizations.spectral_norm(m[0]), "parametrized"),
+        (lambda m: torch.nn.utils.weight_norm(m[0]), r"remove_weight_norm\(module\)"),
+        (lambda m: torch.nn.utils.spectral_norm(m[0]), r"remove_spectral_norm\(module\)"),
+    ],
+    ids=["weight_norm", "spectral_norm", "legacy_weight_norm", "legacy_spectral_norm"],
+)
+def test_reparametrized_layers_are_refused_naming_the_module_and_the_fix(apply, match):
+    model = _small()
+    apply(model)
+    with pytest.raises(fxconet.TraceError, match=match) as info:
+        fxconet.analyze(model, torch.randn(1, 3, 8, 8))
+    assert "module `0` (" in str(info.value)
+
+
+def test_hooks_on_the_root_are_refused_and_the_named_fix_keeps_them():
+    model = _small().eval()
+    model.register_forward_hook(lambda mod, args, out: out * 2)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(fxconet.TraceError, match="forward hooks.*would drop"):
+        fxconet.analyze(model, x)
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    wrapped = Wrapper(model)
+    graph = fxconet.analyze(wrapped, x)
+    torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x))
