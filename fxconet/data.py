@@ -367,6 +367,24 @@ def _cifar_folder(name: str, root: Path) -> Path:
     return folder
 
 
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR batch holds (dicts, lists, bytes, numbers and numpy arrays) and
+    refuses every other global, so a crafted batch file cannot run code."""
+
+    _ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in a protocol-2 pickle written by Python 3
+    })  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing {module}.{name}: a CIFAR batch holds only arrays, lists and bytes"
+            )
+        return super().find_class(module, name)
+
+
 def _load_cifar(name: str, root: Path, split: str, augment: bool) -> Dataset:
     folder_name, train_files, test_files, label_key, num_classes, stats = _CIFAR_LAYOUT[name]
     folder = _cifar_folder(name, root)
@@ -379,8 +397,7 @@ def _load_cifar(name: str, root: Path, split: str, augment: bool) -> Dataset:
         path = folder / file_name
         try:
             with open(path, "rb") as f:
-                # The CIFAR archives are Python pickles; like torchvision, only load trusted files.
-                batch = pickle.load(f, encoding="bytes")
+                batch = _SafeUnpickler(f, encoding="bytes").load()
             data = np.asarray(batch[b"data"], dtype=np.uint8)
             labels.append(np.asarray(batch[label_key], dtype=np.int64))
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:

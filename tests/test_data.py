@@ -235,6 +235,25 @@ def test_cifar_errors_name_folder_and_missing_files(tmp_path):
         load_dataset("cifar10", root=tmp_path, split="test")
 
 
+def test_cifar_batches_are_read_without_running_code(tmp_path):
+    """A batch file is a pickle: one that names any global but numpy's arrays is refused."""
+    folder = _write_cifar10(tmp_path)
+    # the real files are Python 2 pickles of numpy arrays (protocol 2): they still load
+    batch = pickle.loads((folder / "test_batch").read_bytes())
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    assert len(load_dataset("cifar10", root=tmp_path, split="test")) == 3
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
+    with pytest.raises(DataError, match=r"refusing pathlib.*Path.touch"):
+        load_dataset("cifar10", root=tmp_path, split="test")
+    assert not marker.exists()
+
+
 # ----------------------------------------------------------------------------------- imagefolder
 
 
