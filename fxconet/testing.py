@@ -69,9 +69,17 @@ class CheckResult:
 
 
 def _run(model: Any, example_inputs: Any) -> Any:
+    """The model's output; its buffers (a train-mode BatchNorm's running statistics, which a
+    resized model may share) are restored afterwards."""
     args, kwargs = normalize_inputs(example_inputs)
-    with torch.no_grad():
-        return model(*args, **kwargs)
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def _flat(out: Any) -> list[torch.Tensor]:
@@ -245,7 +253,9 @@ def _calibrate_norms(model: nn.Module, example_inputs: Any, min_var: float = 1e-
         m.reset_running_stats()
         m.momentum = None  # cumulative average: exactly this batch's statistics
         m.train()
-    _run(model, example_inputs)
+    args, kwargs = normalize_inputs(example_inputs)
+    with torch.no_grad():
+        model(*args, **kwargs)  # on the check's own copy: the statistics are what it wants
     for m, (training, momentum) in zip(norms, saved, strict=True):
         m.train(training)
         m.momentum = momentum

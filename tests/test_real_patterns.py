@@ -294,3 +294,13 @@ def test_hooks_on_the_root_are_refused_and_the_named_fix_keeps_them():
     wrapped = Wrapper(model)
     graph = fxconet.analyze(wrapped, x)
     torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x))
+
+
+def test_check_all_leaves_a_train_mode_model_as_it_was():
+    model = fxconet.models.cifar_resnet20(in_channels=1).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for x in (torch.randn(4, 1, 8, 8), torch.randn(1, 1, 8, 8)):
+        assert all(r.ok for r in check_all(model, x))
+    assert model.training and all(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
