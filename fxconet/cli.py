@@ -358,6 +358,7 @@ def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> in
     from fxconet.models import build_model
 
     classes, channels, size = _shape_for(args)
+    torch.manual_seed(args.seed)  # the starting weights, and so the "before" accuracy, repeat
     model = build_model(args.model, num_classes=classes, in_channels=channels, image_size=size)
     if args.weights is not None:
         _load_weights(model, args.weights)
