@@ -141,7 +141,11 @@ Where this follows the paper, the reference code (``shared/reference/aps.md``) o
     learning, though far slower than APS-O (0.68, 77%): without sharing, every block is trained
     by a fraction of the steps, which is the paper's argument for sharing. Clipping also
     smooths APS-O and APS-T (ordinal: 0.77 against 0.81 after 200 steps unclipped; masked
-    momentum for unused blocks did not help APS-I).
+    momentum for unused blocks did not help APS-I). On ``benchmarks/aps.py`` (12 epochs of 21
+    steps, cosine from lr 0.1) APS-I's loss stays at 2.3-2.4 for 7 epochs and falls (to 0.92,
+    rewards 0.10 -> 0.58) only once the rate is below ~0.025
+    (``benchmarks/results/aps_independent.md``): a lower rate for independent sharing is the
+    open fix.
 """
 
 from __future__ import annotations
