@@ -438,7 +438,9 @@ def build_model(
     if spec in _OURS:
         return _OURS[spec](num_classes=num_classes, in_channels=in_channels)
     if spec.startswith("timm:"):
-        return _build_timm(spec.removeprefix("timm:"), num_classes, in_channels, strict=True)
+        model = _build_timm(spec.removeprefix("timm:"), num_classes, in_channels, strict=True)
+        assert model is not None  # strict: an unknown name raised
+        return model
     if ":" in spec:
         return _build_from_callable(spec, num_classes, in_channels, image_size)
     if spec in _torchvision_models():
