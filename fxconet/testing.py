@@ -68,11 +68,11 @@ class CheckResult:
     note: str = ""
 
 
-def _run(model: Any, example_inputs: Any) -> Any:
+def _run(model: Any, example_inputs: Any, *, restore_buffers: bool = True) -> Any:
     """The model's output; its buffers (a train-mode BatchNorm's running statistics, which a
-    resized model may share) are restored afterwards."""
+    resized model may share) are restored afterwards unless ``restore_buffers=False``."""
     args, kwargs = normalize_inputs(example_inputs)
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if restore_buffers else []
     try:
         with torch.no_grad():
             return model(*args, **kwargs)
@@ -253,9 +253,7 @@ def _calibrate_norms(model: nn.Module, example_inputs: Any, min_var: float = 1e-
         m.reset_running_stats()
         m.momentum = None  # cumulative average: exactly this batch's statistics
         m.train()
-    args, kwargs = normalize_inputs(example_inputs)
-    with torch.no_grad():
-        model(*args, **kwargs)  # on the check's own copy: the statistics are what it wants
+    _run(model, example_inputs, restore_buffers=False)  # the statistics are what it wants
     for m, (training, momentum) in zip(norms, saved, strict=True):
         m.train(training)
         m.momentum = momentum

@@ -55,9 +55,12 @@ def shallow_copy(m: nn.Module) -> nn.Module:
         new = cls.__new__(cls)
         new.__dict__.update(m.__dict__)
     # ``self.forward = self.forward_split`` in __init__: the copy's method is bound to the copy
-    for key, value in m.__dict__.items():
-        if isinstance(value, types.MethodType) and value.__self__ is m:
-            new.__dict__[key] = types.MethodType(value.__func__, new)
+    # (rare: the type scan runs in C, the loop only for modules holding a bound method)
+    d = m.__dict__
+    if types.MethodType in set(map(type, d.values())):
+        for key, value in d.items():
+            if isinstance(value, types.MethodType) and value.__self__ is m:
+                new.__dict__[key] = types.MethodType(value.__func__, new)
     return new
 
 

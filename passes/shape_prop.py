@@ -136,11 +136,9 @@ def _hint(traced: Traced, node: torch.fx.Node, message: str) -> str:
     parts = path.split(".")[:-1]  # the modules around the layer
     outer = parts[0] if parts else ""
     if outer and has_submodule(traced.root, outer):
-        where = f"`{outer}` ({type(traced.root.get_submodule(outer)).__name__})"
-        fix = (
-            f"pass leaf_modules=[{type(traced.root.get_submodule(outer)).__name__}] "
-            f"(or the path {outer!r}) to keep that module opaque"
-        )
+        kind = type(traced.root.get_submodule(outer)).__name__
+        where = f"`{outer}` ({kind})"
+        fix = f"pass leaf_modules=[{kind}] (or the path {outer!r}) to keep that module opaque"
     else:
         where, fix = f"`{traced.name}.forward`", "pass leaf_modules=[...] for the module"
     return (
@@ -158,12 +156,12 @@ def bind_placeholders(
     bound: dict[torch.fx.Node, Any] = {}
     pos = list(args)
     kwargs = dict(kwargs)
-    named = [p for p in placeholders if not str(p.target).startswith("*")]
+    named = {str(p.target) for p in placeholders if not str(p.target).startswith("*")}
     for ph in placeholders:
         target = str(ph.target)
         name = target.lstrip("*")
         if target.startswith("**"):  # what is left of the keyword inputs
-            rest = {k: v for k, v in kwargs.items() if k not in {str(p.target) for p in named}}
+            rest = {k: v for k, v in kwargs.items() if k not in named}
             bound[ph] = to_meta(rest)
             for k in rest:
                 kwargs.pop(k)
