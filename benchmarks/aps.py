@@ -190,8 +190,9 @@ def run_one(args: argparse.Namespace, seed: int, method: str, train: Any, test: 
         decisions = len(result.history[-1]["widths"])
         extra["top1_mean_prob"] = math.exp(top[0]["log_prob"] / decisions)
         extra["history"] = [
-            {k: h[k] for k in ("trial", "phase", "train_loss", "reward", "phi_relative",
-                               "gradient_cosine", "macs", "val_accuracy", "seconds")}
+            {k: h[k] for k in ("trial", "phase", "train_loss", "reward", "reward_accuracy",
+                               "phi_relative", "gradient_cosine", "macs", "val_accuracy",
+                               "seconds")}
             for h in result.history
         ]  # fmt: skip
     total = time.perf_counter() - started
@@ -238,6 +239,17 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["top1_mean_prob"] = statistics.fmean(r["top1_mean_prob"] for r in rs)
             dec = [r["decoded_val_accuracy"] for r in rs if r["decoded_val_accuracy"] is not None]
             row["decoded_val_accuracy_mean"] = statistics.fmean(dec) if dec else None
+            likely = [r["history"][-1]["val_accuracy"] for r in rs if r.get("history")]
+            likely = [x for x in likely if x is not None]
+            row["likely_val_accuracy_mean"] = statistics.fmean(likely) if likely else None
+            warm = [
+                [h["train_loss"] for h in r["history"] if h["phase"] == "warmup"]
+                for r in rs
+                if r.get("history")
+            ]
+            warm = [w for w in warm if w]
+            row["warmup_loss_first"] = statistics.fmean(w[0] for w in warm) if warm else None
+            row["warmup_loss_last"] = statistics.fmean(w[-1] for w in warm) if warm else None
         rows.append(row)
     return rows
 
@@ -251,9 +263,10 @@ def table(rows: list[dict[str, Any]], records: list[dict[str, Any]], settings: d
 
     lines = [
         "| method | seeds | test acc. % (mean ± std) | per seed | MACs % | params | "
-        "final Phi / Phi_ord | mean cos(g, g~) | top-1 prob / decision | supernet val acc. % "
-        "| search s | total s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "final Phi / Phi_ord | mean cos(g, g~) | top-1 prob / decision | warm-up loss "
+        "(first -> last epoch) | supernet val acc. %: likeliest arch. / pick | search s "
+        "| total s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per = ", ".join(pct(x["test_accuracy"]) for x in records if x["method"] == r["method"])
@@ -263,15 +276,18 @@ def table(rows: list[dict[str, Any]], records: list[dict[str, Any]], settings: d
             f"| {r['method']} | {len(r['seeds'])} | {pct(r['test_accuracy_mean'])}{std} | {per} "
             f"| {100 * r['macs_fraction_mean']:.1f} | {r['params_mean']:,.0f} "
             f"| {r['final_phi_relative']:.3f} | {num(r['gradient_cosine_mean'])}"
-            f" | {r['top1_mean_prob']:.2f} | {pct(r['decoded_val_accuracy_mean'])} "
+            f" | {r['top1_mean_prob']:.2f} | {num(r.get('warmup_loss_first'))} -> "
+            f"{num(r.get('warmup_loss_last'))} | {pct(r.get('likely_val_accuracy_mean'))} / "
+            f"{pct(r['decoded_val_accuracy_mean'])} "
             f"| {r['search_seconds_mean']:,.0f} | {r['total_seconds_mean']:,.0f} |"
             if aps
             else f"| {r['method']} | {len(r['seeds'])} | {pct(r['test_accuracy_mean'])}{std} "
             f"| {per} | {100 * r['macs_fraction_mean']:.1f} | {r['params_mean']:,.0f} "
-            f"| - | - | - | - | 0 | {r['total_seconds_mean']:,.0f} |"
+            f"| - | - | - | - | - | 0 | {r['total_seconds_mean']:,.0f} |"
         )
     phi = [x for x in records if x["method"] == "aps-t"]
-    lines += ["", "Phi / Phi_ordinal of APS-T after each epoch (warm-up, then search):", ""]
+    if phi:
+        lines += ["", "Phi / Phi_ordinal of APS-T after each epoch (warm-up, then search):", ""]
     for x in phi:
         values = ", ".join(f"{v:.3f}" for v in x["phi_relative"])
         lines.append(f"- seed {x['seed']}: {values}")
