@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -17,14 +18,14 @@ import torch
 from torch import nn
 
 from fxconet.errors import ChannelError
-from fxconet.ir import ChannelGraph
+from fxconet.ir import ChannelGraph, check_widths
 from fxconet.passes.label_edges import label_edges
 from fxconet.passes.module_copy import to_meta
 from fxconet.passes.nodes import normalize_inputs
 from fxconet.passes.probe import probe_channels
 from fxconet.passes.resize_layers import ResizePlan, resize_layers
 from fxconet.passes.shape_prop import propagate_shapes
-from fxconet.passes.solve_channels import solve_channels
+from fxconet.passes.solve_channels import solution_of, solve_channels
 from fxconet.passes.trace import trace_model
 
 __all__ = ["analyze", "kept_channels", "resize"]
@@ -116,6 +117,7 @@ def resize(
     leaf_modules: Iterable[type | str] = (),
     concrete_args: Mapping[str, Any] | None = None,
     freeze: Iterable[type | str] = (),
+    max_bytes: int | None | str = "auto",
 ) -> torch.fx.GraphModule:
     """Re-emit ``model`` with new channel widths, as a runnable ``torch.fx.GraphModule``.
 
@@ -133,6 +135,9 @@ def resize(
             function, see :mod:`fxconet.passes.resize_layers`) or ``"reset"`` (fresh default
             initialisation of every layer).
         leaf_modules, concrete_args, freeze: as for :func:`analyze`.
+        max_bytes: refuse a resize whose parameters would take more memory than this
+            (counted from the IR before anything is allocated): ``"auto"`` is half this
+            machine's physical memory, None no limit.
 
     Returns:
         The resized GraphModule. ``gm.meta["fxconet"]`` holds the
@@ -141,7 +146,8 @@ def resize(
 
     Raises:
         ChannelError: a width for an unknown, frozen group, below 1 or not a multiple of the
-            group's divisor (the message names the group and its layers).
+            group's divisor (the message names the group and its layers), or widths whose
+            parameters would exceed ``max_bytes``.
 
     Example:
         >>> gm = fxconet.resize(torchvision.models.resnet18(), {1: 32}, torch.randn(1, 3, 64, 64))
@@ -160,9 +166,60 @@ def resize(
             concrete_args=concrete_args,
             freeze=freeze,
         )
+    check_memory(graph, widths, max_bytes)
     with _gc_paused():
         gm, _ = resize_layers(graph, widths, init=init)
     return gm
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_memory(
+    graph: ChannelGraph, widths: Mapping[int, int], max_bytes: int | None | str = "auto"
+) -> None:
+    """Refuse ``widths`` whose parameters would need more than ``max_bytes``
+    (``"auto"``: half of :func:`physical_memory`, 16 GiB where unknown; None: no limit).
+
+    Only widths that grow a group are costed (shrinking never allocates more than the model).
+
+    Raises:
+        ChannelError: the estimate exceeds the limit (says how much and how to allow it).
+    """
+    if max_bytes is None:
+        return
+    if max_bytes == "auto":
+        total = physical_memory()
+        limit = total // 2 if total else 16 * 2**30
+        why = "half this machine's memory" if total else "the default when memory is unknown"
+    elif isinstance(max_bytes, int) and not isinstance(max_bytes, bool) and max_bytes > 0:
+        limit, why = max_bytes, "max_bytes"
+    else:
+        raise ChannelError(f"max_bytes={max_bytes!r}: give a positive int, 'auto' or None")
+    full = check_widths(graph, widths)
+    if all(full[g.id] <= g.size for g in graph.groups):
+        return
+    from fxconet.cost import CostModel  # noqa: PLC0415 (cost imports the passes)
+
+    params = CostModel(graph).params(full, check=False)
+    records = solution_of(graph).params.values()
+    itemsize = max((r.tensor.element_size() for r in records), default=4)
+    need = params * itemsize
+    if need > limit:
+        grown = {g.id: full[g.id] for g in graph.groups if full[g.id] > g.size}
+        shown = dict(list(grown.items())[:4])
+        more = f" and {len(grown) - 4} more" if len(grown) > 4 else ""
+        raise ChannelError(
+            f"resizing {graph.model_name} to widths {shown}{more} needs about "
+            f"{need / 2**30:.1f} GiB for its {params:,} parameters, over the limit of "
+            f"{limit / 2**30:.1f} GiB ({why}). Pass max_bytes=None (or a larger byte count) "
+            "to allow it"
+        )
 
 
 def kept_channels(gm: torch.fx.GraphModule) -> dict[int, torch.Tensor]:

@@ -20,10 +20,12 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import inspect
+import itertools
 import math
 import os
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from torch import nn
 
 from fxconet.errors import ExportError
 from fxconet.passes import fx_compat
+from fxconet.passes.module_copy import is_namedtuple
 from fxconet.passes.nodes import normalize_inputs
 
 __all__ = [
@@ -49,15 +52,29 @@ __all__ = [
 
 
 def save(gm: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """``torch.save`` the whole module; load it with :func:`load` (trusted files only).
+    """``torch.save`` the whole module; load it with :func:`load` (trusted files only), which
+    also restores :func:`fxconet.kept_channels`.
 
     Example:
         >>> fxconet.export.save(gm, "resized.pt")
         >>> gm2 = fxconet.export.load("resized.pt")
     """
     path = Path(path)
-    torch.save(gm, path)
+    plan = gm.meta.get("fxconet") if isinstance(gm, torch.fx.GraphModule) else None
+    # torch rebuilds a GraphModule with an empty ``meta``; an attribute survives, so the kept
+    # channels (the plan pickles as its widths and indices only) ride along and load() puts
+    # them back
+    if plan is not None:
+        setattr(gm, _PLAN_ATTR, plan)
+    try:
+        torch.save(gm, path)
+    finally:
+        if plan is not None:
+            delattr(gm, _PLAN_ATTR)
     return path
+
+
+_PLAN_ATTR = "_fxconet_resize_plan"
 
 
 def load(path: str | os.PathLike[str], *, map_location: Any = None) -> nn.Module:
@@ -67,7 +84,11 @@ def load(path: str | os.PathLike[str], *, map_location: Any = None) -> nn.Module
     you trust. For untrusted weights use :func:`save_code`/:func:`load_code`, whose state dict
     loads with ``weights_only=True``.
     """
-    return torch.load(Path(path), map_location=map_location, weights_only=False)
+    model = torch.load(Path(path), map_location=map_location, weights_only=False)
+    plan = model.__dict__.pop(_PLAN_ATTR, None) if isinstance(model, nn.Module) else None
+    if plan is not None and isinstance(model, torch.fx.GraphModule):
+        model.meta["fxconet"] = plan
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,20 +207,45 @@ def _leaf_paths(gm: torch.fx.GraphModule) -> set[str]:
     return {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
 
 
+_HOOKS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
 def to_code(gm: torch.fx.GraphModule, class_name: str = "FxconetModel") -> str:
     """Python source of an ``nn.Module`` equivalent to ``gm`` (load weights separately).
 
     The class builds every layer with its constructor (``Conv2d(32, 64, kernel_size=(3, 3),
-    ...)``) at the same module paths as ``gm``, so ``gm.state_dict()`` loads into it.
+    ...)``) at the same module paths as ``gm``, so ``gm.state_dict()`` loads into it, and in
+    the training mode of each of ``gm``'s modules.
 
     Raises:
-        ExportError: a layer or function cannot be written as importable code.
+        ExportError: a layer or function cannot be written as importable code, or a module
+            has hooks (code cannot hold them; nothing is dropped silently).
 
     Example:
         >>> print(fxconet.export.to_code(gm))
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise ExportError(f"to_code needs a torch.fx.GraphModule, got {type(gm).__name__}")
+    hooked = [
+        (path or type(gm).__name__, kind)
+        for path, mod in gm.named_modules()
+        for kind in _HOOKS
+        if getattr(mod, kind, None)
+    ]
+    if hooked:
+        where = ", ".join(f"`{p}` ({k.strip('_')})" for p, k in hooked[:4])
+        raise ExportError(
+            f"to_code cannot write hooks as code: {where}{' ...' if len(hooked) > 4 else ''}. "
+            "Remove them before saving (and register them again after load_code), or save "
+            "with save() or save_program()"
+        )
     if not class_name.isidentifier():
         raise ExportError(f"class_name {class_name!r} is not a Python identifier")
     python_code = gm.graph.python_code(root_module="self")
@@ -237,6 +283,12 @@ def to_code(gm: torch.fx.GraphModule, class_name: str = "FxconetModel") -> str:
             )
         else:
             body.append(f"        _at(self, {path!r}).register_buffer({name!r}, {empty})")
+    # training flags as given (a frozen ``bn.eval()`` inside a training model included)
+    if not gm.training:
+        body.append("        self.train(False)")
+    for path, mod in gm.named_modules():
+        if path and mod.training != gm.training and path in made:
+            body.append(f"        _at(self, {path!r}).train({mod.training})")
     header = [
         '"""Generated by fxconet.export.to_code: a resized model as plain PyTorch."""',
         "import torch as _torch",
@@ -279,9 +331,18 @@ def save_code(
     folder: str | os.PathLike[str],
     *,
     class_name: str = "FxconetModel",
+    example_inputs: Any = None,
 ) -> Path:
     """Write ``model.py`` (from :func:`to_code`) and ``weights.pt`` (a plain state dict) to
     ``folder``, check that they rebuild ``gm`` exactly, and return the folder.
+
+    The check rebuilds the model from the files and compares tensors, training modes and, in
+    eval mode, the outputs on ``example_inputs`` (default: random inputs of the shapes a model
+    from :func:`fxconet.resize` was analysed with; none for other modules).
+
+    Raises:
+        ExportError: the code cannot be written (see :func:`to_code`) or does not rebuild the
+            model.
 
     Example:
         >>> fxconet.export.save_code(gm, "resized/")
@@ -299,11 +360,68 @@ def save_code(
         f"    model = m.{class_name}()\n"
         "    model.load_state_dict(torch.load('weights.pt', weights_only=True))\n"
     )
-    rebuilt = load_code(folder, class_name=class_name)
+    rebuilt = load_code(folder, class_name=class_name, map_location=_device_of(gm))
     mine, theirs = _state(gm), rebuilt.state_dict()
     if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
         raise ExportError(f"the code written to {folder} does not rebuild the same tensors")
+    modes = {p: m.training for p, m in gm.named_modules()}
+    if {p: m.training for p, m in rebuilt.named_modules()} != modes:
+        raise ExportError(f"the code written to {folder} does not rebuild the training modes")
+    inputs = _example_inputs(gm) if example_inputs is None else normalize_inputs(example_inputs)
+    if inputs is not None:
+        args, kwargs = inputs
+        try:
+            with torch.no_grad():
+                gm.eval()
+                rebuilt.eval()
+                want = gm(*args, **kwargs)
+                try:
+                    got = rebuilt(*args, **kwargs)
+                except Exception as e:
+                    raise ExportError(
+                        f"the code written to {folder} fails on the example inputs: "
+                        f"{type(e).__name__}: {e}"
+                    ) from e
+        finally:
+            for path, mod in gm.named_modules():
+                mod.training = modes[path]
+        try:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        except AssertionError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ExportError(
+                f"the code written to {folder} does not compute the model's outputs ({first})"
+            ) from e
     return folder
+
+
+def _device_of(gm: nn.Module) -> torch.device:
+    t = next(itertools.chain(gm.parameters(), gm.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def _example_inputs(gm: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Random inputs shaped as the example inputs ``gm`` was analysed with (a model resized
+    by fxconet knows them), else None."""
+    plan = gm.meta.get("fxconet") if isinstance(gm, torch.fx.GraphModule) else None
+    solution = getattr(plan, "solution", None)
+    if solution is None:
+        return None
+    device = _device_of(gm)
+    gen = torch.Generator().manual_seed(0)
+
+    def real(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            if t.is_floating_point():
+                return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(device)
+            return torch.zeros(t.shape, dtype=t.dtype, device=device)  # indices, masks: in range
+        if isinstance(t, tuple | list) and not is_namedtuple(t):
+            return type(t)(real(v) for v in t)
+        if isinstance(t, dict):
+            return {k: real(v) for k, v in t.items()}
+        return t
+
+    return real(tuple(solution.example_args)), real(dict(solution.example_kwargs))
 
 
 def load_code(
@@ -369,11 +487,7 @@ def save_program(
         if dynamic_batch and not kw:
             batch = torch.export.Dim("batch", min=1)
             shapes = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
-            # torch.export specialises dims of size 1: trace with a batch of 2
-            two = tuple(
-                torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and len(a) == 1 else a
-                for a in args
-            )
+            two = _batch_of_two(args)  # torch.export specialises dims of size 1
             try:
                 program = torch.export.export(gm, two, dynamic_shapes=shapes)
             except Exception:  # the model fixes its batch size: export it for the example's
@@ -390,11 +504,19 @@ def save_program(
 
 
 def export_onnx(
-    gm: nn.Module, example_inputs: Any, path: str | os.PathLike[str], **kwargs: Any
+    gm: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    dynamic_batch: bool = True,
+    **kwargs: Any,
 ) -> Path:
     """Export a model to ONNX at ``path`` (``torch.onnx.export`` with the dynamo exporter).
 
-    Needs the ``[export]`` extra (``pip install fxconet[export]``).
+    With ``dynamic_batch`` (and no ``dynamic_shapes``/``dynamic_axes`` of your own) the first
+    dim of every tensor input is symbolic, so the file runs on any batch size; a model that
+    fixes its batch size is exported for the example's, with a warning. Needs the ``[export]``
+    extra (``pip install fxconet[export]``). ``kwargs`` go to ``torch.onnx.export``.
 
     Example:
         >>> fxconet.export.export_onnx(gm.eval(), torch.randn(1, 3, 224, 224), "resized.onnx")
@@ -406,5 +528,36 @@ def export_onnx(
     path = Path(path)
     kwargs.setdefault("dynamo", True)
     kwargs.setdefault("verbose", False)
+    dynamic = (
+        dynamic_batch
+        and kwargs["dynamo"]
+        and not kw
+        and "dynamic_shapes" not in kwargs
+        and "dynamic_axes" not in kwargs
+    )
+    if dynamic:
+        batch = torch.export.Dim("batch", min=1)
+        shapes = tuple(
+            {0: batch} if isinstance(a, torch.Tensor) and a.dim() else None for a in args
+        )
+        two = _batch_of_two(args)
+        try:
+            torch.onnx.export(gm, two, str(path), dynamic_shapes=shapes, **kwargs)
+            return path
+        except Exception as e:  # the model fixes its batch size
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(
+                f"export_onnx: the batch size cannot be dynamic ({type(e).__name__}: "
+                f"{reason[:200]}); exporting for the example's batch size",
+                stacklevel=2,
+            )
     torch.onnx.export(gm, args, str(path), kwargs=kw or None, **kwargs)
     return path
+
+
+def _batch_of_two(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with batch-1 tensors doubled (exporters specialise dims of size 1)."""
+    return tuple(
+        torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() and len(a) == 1 else a
+        for a in args
+    )

@@ -12,9 +12,13 @@ Records name layers by module path and nodes by ``node.name``; nothing here hold
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, overload
+
+import numpy as np
+import torch
 
 from fxconet.errors import ChannelError
 
@@ -48,9 +52,10 @@ class ChannelGroup:
         producers: module (or parameter) paths whose output channels are this group.
         consumers: module (or parameter) paths whose input channels contain this group.
         layers: every module or parameter path resized when the width changes.
-        exact: removing channels whose weights are all zero leaves the model's function unchanged.
-            False when an op computes statistics across the channels (LayerNorm over channels,
-            GroupNorm, softmax or mean over the channel dim).
+        exact: removing channels whose weights are all zero, and growing (new channels reach
+            no consumer's weights), leave the model's function unchanged. False when an op
+            computes statistics across the channels (LayerNorm over channels, GroupNorm,
+            softmax, a mean or a sum over the channel dim).
     """
 
     id: int
@@ -329,25 +334,27 @@ def check_widths(graph: ChannelGraph, widths: Mapping[int, int]) -> dict[int, in
     Raises:
         ChannelError: unknown id, frozen group, width < 1 or not a multiple of the divisor.
     """
+    if not isinstance(widths, Mapping):
+        raise ChannelError(
+            f"widths must be a mapping of group id -> width (e.g. {{1: 32}}), got "
+            f"{type(widths).__name__}"
+        )
     full = graph.widths()
-    for gid, width in widths.items():
-        if not isinstance(gid, int) or isinstance(gid, bool) or not 0 <= gid < len(graph.groups):
+    for key, width in widths.items():
+        gid = _integer(key)
+        if gid is None or not 0 <= gid < len(graph.groups):
             raise ChannelError(
-                f"unknown channel group {gid!r}: {graph.model_name} has groups "
+                f"unknown channel group {key!r}: {graph.model_name} has groups "
                 f"0..{len(graph.groups) - 1}"
             )
         g = graph.groups[gid]
         where = f"group {gid} (producers {_abbrev(g.producers, 4)}; consumers " + (
             f"{_abbrev(g.consumers, 4)})"
         )
-        if isinstance(width, bool) or not isinstance(width, int):
-            try:
-                as_int = int(width)
-            except (TypeError, ValueError):
-                as_int = None
-            if as_int is None or as_int != width:
-                raise ChannelError(f"{where}: width must be an integer, got {width!r}")
-            width = as_int
+        as_int = _integer(width, integral_floats=True)
+        if as_int is None:
+            raise ChannelError(f"{where}: width must be an integer, got {width!r}")
+        width = as_int
         if g.frozen and width != g.size:
             raise ChannelError(
                 f"{where} is frozen ({g.reason}); it must stay {g.size}, got {width}"
@@ -361,6 +368,22 @@ def check_widths(graph: ChannelGraph, widths: Mapping[int, int]) -> dict[int, in
             )
         full[gid] = width
     return full
+
+
+def _integer(value: Any, *, integral_floats: bool = False) -> int | None:
+    """``value`` as a Python int when it is an integer (NumPy and torch integers included;
+    floats with an integral value when ``integral_floats``), else None. Booleans are not."""
+    if isinstance(value, bool | np.bool_) or (
+        isinstance(value, torch.Tensor) and value.dtype == torch.bool
+    ):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if integral_floats and isinstance(value, float | np.floating) and float(value).is_integer():
+        return int(value)
+    return None
 
 
 def round_width(x: float, step: int, *, low: int = 1, high: int | None = None) -> int:

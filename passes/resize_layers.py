@@ -68,6 +68,32 @@ class ResizePlan:
     base: dict[int, np.ndarray] = field(repr=False)
     solution: Solution = field(repr=False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``torch.save`` of a resized model): the widths and kept indices only, not
+        the analysis (which holds a copy of the model and closures that do not pickle)."""
+        return {"widths": self.widths, "index": self.index, "base": {}, "solution": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ResizePlan:
+        """A copy sharing the (read-only) analysis."""
+        return ResizePlan(
+            widths=dict(self.widths),
+            index={g: t.clone() for g, t in self.index.items()},
+            base={v: m.copy() for v, m in self.base.items()},
+            solution=self.solution,
+        )
+
+    def _analysis(self) -> Solution:
+        if self.solution is None:
+            raise ValueError(
+                "this resize plan was loaded from a file and keeps only the kept channels of "
+                "each group (fxconet.kept_channels); per-layer positions need the analysis: "
+                "resize the model again"
+            )
+        return self.solution
+
     def kept(self, gid: int) -> torch.Tensor:
         """Original channel indices that group ``gid`` keeps, ascending."""
         idx = self.index[gid]
@@ -75,7 +101,7 @@ class ResizePlan:
 
     def size_of(self, layout: Layout) -> int:
         """New total size of a layout."""
-        slots = self.solution.slots
+        slots = self._analysis().slots
         total = 0
         for b in slots.expand(layout):
             m = self.base.get(b.var)
@@ -84,7 +110,7 @@ class ResizePlan:
 
     def positions(self, layout: Layout) -> np.ndarray:
         """For each position of the resized dim, the original position (or -1 for new)."""
-        slots = self.solution.slots
+        slots = self._analysis().slots
         out: list[np.ndarray] = []
         off = 0
         for b in slots.expand(layout):
@@ -104,7 +130,7 @@ class ResizePlan:
     def layer_channels(self, path: str) -> dict[str, torch.Tensor]:
         """Kept original indices of a layer's input (``"in"``) and output (``"out"``) channels
         (``-1`` marks new channels)."""
-        rec = self.solution.layers.get(path)
+        rec = self._analysis().layers.get(path)
         if rec is None:
             raise KeyError(f"no layer {path!r}")
         out: dict[str, torch.Tensor] = {}

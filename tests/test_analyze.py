@@ -122,6 +122,32 @@ def test_growing_preserves_the_function():
     assert kept[groups[("a",)].id].tolist() == [0, 1, 2, 3, -1, -1, -1, -1, -1]
 
 
+class SumNormalised(nn.Module):
+    """A group normalised by its sum over channels, whole-tensor or per position."""
+
+    def __init__(self, per_position: bool) -> None:
+        super().__init__()
+        self.per_position = per_position
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        x = self.a(x).exp()
+        x = x / (x.sum(1, keepdim=True) if self.per_position else x.sum())
+        return self.b(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("per_position", [True, False])
+def test_a_sum_over_channels_is_inexact_because_growing_changes_it(per_position):
+    model, x = SumNormalised(per_position).eval(), torch.randn(2, 3, 6, 6)
+    graph = fxconet.analyze(model, x)
+    g = by_producers(graph)[("a",)]
+    assert not g.exact
+    grown = fxconet.resize(graph, {g.id: 8})
+    assert not torch.allclose(run(grown, x), run(model, x), atol=1e-4)  # why exact=False
+    assert by_producers(fxconet.analyze(Concat().eval(), torch.randn(2, 3, 6, 6)))[("a",)].exact
+
+
 class Separable(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -811,6 +837,40 @@ def test_bad_widths_raise_channel_errors_naming_the_group():
         fxconet.resize(graph, {stream.id: 2.5})
     with pytest.raises(ChannelError, match="example_inputs"):
         fxconet.resize(Residual(), {0: 4})
+    # booleans are not widths or ids; NumPy/torch integers are; non-mappings say what to pass
+    with pytest.raises(ChannelError, match="integer, got True"):
+        fxconet.resize(graph, {stream.id: True})
+    with pytest.raises(ChannelError, match="unknown channel group True"):
+        fxconet.resize(graph, {True: 4})
+    for bad in ([4], None, 4):
+        with pytest.raises(ChannelError, match="mapping of group id -> width"):
+            fxconet.resize(graph, bad)
+    gm = fxconet.resize(graph, {np.int64(stream.id): np.int32(2)})
+    assert gm.get_submodule("stem").out_channels == 2
+    assert (
+        fxconet.resize(graph, {stream.id: torch.tensor(2)}).get_submodule("stem").out_channels == 2
+    )
+
+
+def test_resize_refuses_widths_past_the_memory_limit_before_allocating():
+    graph = fxconet.analyze(Residual(), torch.randn(2, 3, 8, 8))
+    stream = by_producers(graph)[("c2", "stem")]
+    # 10**9 channels would need terabytes: refused from the IR alone, instantly
+    with pytest.raises(
+        ChannelError, match=r"needs about .* GiB .* over the limit .*max_bytes=None"
+    ):
+        fxconet.resize(graph, {stream.id: 10**9})
+    params = fxconet.cost.predict_params(graph, {stream.id: 64})
+    with pytest.raises(ChannelError, match="max_bytes"):
+        fxconet.resize(graph, {stream.id: 64}, max_bytes=4 * params - 1)
+    gm = fxconet.resize(graph, {stream.id: 64}, max_bytes=4 * params)
+    assert sum(p.numel() for p in gm.parameters()) == params  # the estimate is what was built
+    assert (
+        fxconet.resize(graph, {stream.id: 64}, max_bytes=None).get_submodule("stem").out_channels
+        == 64
+    )
+    with pytest.raises(ChannelError, match="max_bytes=-1"):
+        fxconet.resize(graph, {stream.id: 64}, max_bytes=-1)
 
 
 def test_shape_errors_name_the_node():

@@ -217,6 +217,35 @@ def test_resume_refuses_other_training_settings_or_data(tmp_path, change):
     assert len(again.history) == 2
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_text(p.read_text()[:200]), "trial_001.json is damaged"),
+        (lambda p: p.write_text('{"state": 1}'), "trial_001.json is not an fxconet checkpoint"),
+        (lambda p: p.write_bytes(b"\xff\xfe"), "trial_001.json is damaged"),
+        (lambda p: p.with_suffix(".pt").write_bytes(b"PK"), "trial_001.pt is damaged"),
+        (lambda p: p.with_suffix(".pt").unlink(), "trial_001.pt is missing"),
+    ],
+    ids=["truncated", "foreign", "binary", "tensors", "no-tensors"],
+)
+def test_resume_from_damaged_checkpoints_names_the_file_and_the_fix(tmp_path, damage, message):
+    options = dict(SMALL, trials=3, reinit=False)
+
+    def kill_after_two(line: str) -> None:
+        if line.startswith("trial 1:"):
+            raise Kill
+
+    with pytest.raises(Kill):
+        fxconet.optimize_channels(Net(), data="digits", out=tmp_path, log=kill_after_two, **options)
+    damage(tmp_path / "trial_001.json")
+    with pytest.raises(SearchError, match=message) as info:
+        fxconet.optimize_channels(Net(), data="digits", out=tmp_path, resume=True, **options)
+    assert str(tmp_path) in str(info.value) and "--overwrite" in str(info.value)
+    # the advice works: a fresh start into the same folder runs
+    fresh = fxconet.optimize_channels(Net(), data="digits", out=tmp_path, overwrite=True, **options)
+    assert len(fresh.history) == 3
+
+
 def test_a_fresh_search_refuses_a_used_folder_unless_told_to_overwrite(tmp_path):
     options = dict(SMALL, trials=2)
     (tmp_path / "notes.txt").write_text("the user's own file")

@@ -90,8 +90,81 @@ def test_onnx_matches_torch(resized, tmp_path):
     session = ort.InferenceSession(str(path))
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(got, outputs(gm, x).numpy(), atol=1e-4, rtol=0)
+    # the batch is dynamic by default: other batch sizes run
+    x5 = torch.randn(5, *x.shape[1:])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x5.numpy()})
+    np.testing.assert_allclose(got, outputs(gm, x5).numpy(), atol=1e-4, rtol=0)
+    fixed = export.export_onnx(gm, x, tmp_path / "fixed.onnx", dynamic_batch=False)
+    session = ort.InferenceSession(str(fixed))
+    assert session.get_inputs()[0].shape[0] == len(x)
 
 
 def test_to_code_rejects_non_graph_modules():
     with pytest.raises(export.ExportError, match="GraphModule"):
         export.to_code(torchvision.models.resnet18())
+
+
+class Sliced(torch.nn.Module):
+    """Channel slices of a concatenation (their resize rewrites keep index functions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(3, 8, 1)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.c = torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(torch.cat([self.a(x), self.b(x)], 1))
+        return self.c(y)[:, 1:3] + y[:, 2:4].mean(1, keepdim=True)
+
+
+def test_save_of_a_sliced_model_keeps_kept_channels_and_not_the_analysis(tmp_path):
+    model, x = Sliced().eval(), torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    widths = {g.id: g.size - 1 for g in graph.free if g.size > 1}
+    gm = fxconet.resize(graph, widths).eval()
+    path = export.save(gm, tmp_path / "model.pt")
+    assert not hasattr(gm, "_fxconet_resize_plan")  # nothing left on the user's module
+    loaded = export.load(path)
+    torch.testing.assert_close(outputs(loaded, x), outputs(gm, x), rtol=0, atol=0)
+    kept, again = fxconet.kept_channels(gm), fxconet.kept_channels(loaded)
+    assert kept.keys() == again.keys() and all(torch.equal(kept[g], again[g]) for g in kept)
+    # the file holds the module, not the analysis (a copy of the model, closures)
+    weights = tmp_path / "weights.pt"
+    torch.save(gm.state_dict(), weights)
+    assert path.stat().st_size < weights.stat().st_size + 16_000
+    with pytest.raises(ValueError, match="loaded from a file"):
+        loaded.meta["fxconet"].layer_channels("c")
+
+
+def test_save_code_keeps_training_modes_and_checks_outputs(tmp_path, monkeypatch):
+    model, x = Sliced(), torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    gm = fxconet.resize(graph, {g.id: g.size - 1 for g in graph.free if g.size > 1})
+    gm.eval()
+    rebuilt = export.load_code(export.save_code(gm, tmp_path / "eval"))
+    assert not any(m.training for m in rebuilt.modules())
+    gm.train()
+    gm.bn.eval()  # a frozen norm inside a training model
+    rebuilt = export.load_code(export.save_code(gm, tmp_path / "mixed"))
+    assert rebuilt.training and not rebuilt.bn.training and rebuilt.c.training
+    assert gm.training and not gm.bn.training  # the check ran in eval mode and restored them
+    # outputs are compared, not only names and shapes: a rebuild that computes something
+    # else (same tensors, same shapes) is refused
+    real_load = export.load_code
+
+    def skewed(*args, **kwargs):
+        rebuilt = real_load(*args, **kwargs)
+        with torch.no_grad():
+            rebuilt.c.bias.add_(1.0)
+        return rebuilt
+
+    monkeypatch.setattr(export, "load_code", skewed)
+    with pytest.raises(export.ExportError, match="does not compute the model's outputs"):
+        export.save_code(gm, tmp_path / "wrong", example_inputs=x)
+    monkeypatch.undo()
+    # hooks cannot be written as code: refused instead of dropped
+    handle = gm.c.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(export.ExportError, match=r"hooks .*`c` \(forward_hooks\)"):
+        export.save_code(gm, tmp_path / "hooked")
+    handle.remove()

@@ -1,8 +1,9 @@
 """Reductions and size queries.
 
-A reduction over the channel dim takes statistics across the channels (inexact, except
-``sum``); ``x.size(1)`` / ``x.shape`` record which layout a size measures (its provenance), so
-shape code computed from it can be checked and rewritten.
+A reduction over the channel dim takes statistics across the channels (inexact; ``sum`` too:
+removing all-zero channels leaves a sum unchanged, but the new channels a growing group gets are
+not zero, so growing would change it); ``x.size(1)`` / ``x.shape`` record which layout a size
+measures (its provenance), so shape code computed from it can be checked and rewritten.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
     from fxconet.passes.solve_channels import RuleContext
 
 __all__ = []
-
-_EXACT_REDUCTIONS = {"sum", "nansum"}
 
 
 @builtin(
@@ -56,9 +55,8 @@ def _reduce(ctx: RuleContext) -> Any:
         dims = {norm_dim(d, n) for d in dim}
     else:
         return ctx.opaque()
-    if name not in _EXACT_REDUCTIONS:
-        for d in dims:
-            ctx.inexact(xd[d])
+    for d in dims:
+        ctx.inexact(xd[d])
     kept = tuple(
         ctx.fixed(1, "reduced dim") if i in dims else xd[i]
         for i in range(n)

@@ -174,7 +174,7 @@ from fxconet.ir import ChannelGraph, round_width
 from fxconet.passes.resize_layers import ResizePlan, emit
 from fxconet.passes.view import SolutionView
 from fxconet.strategies import SearchContext, SearchOutcome
-from fxconet.strategies.loop import Checkpoints, Progress, search_signature
+from fxconet.strategies.loop import Checkpoints, Progress, restoring, search_signature
 from fxconet.train import TrainConfig, evaluate, select_device
 
 __all__ = [
@@ -1445,13 +1445,14 @@ def aps_search(
     if resume:
         found = checkpoints.load()
         first = found.next_step
-        state = checkpoints.load_tensors(first - 1)
-        supernet.load_state_dict(state["supernet"])
-        controller.load_state_dict(state["controller"])
-        opt_w.load_state_dict(state["opt_w"])
-        opt_c.load_state_dict(state["opt_c"])
-        baseline, step = state["baseline"], state["step"]
-        history = found.records
+        with restoring(checkpoints.out):
+            state = checkpoints.load_tensors(first - 1)
+            supernet.load_state_dict(state["supernet"])
+            controller.load_state_dict(state["controller"])
+            opt_w.load_state_dict(state["opt_w"])
+            opt_c.load_state_dict(state["opt_c"])
+            baseline, step = state["baseline"], state["step"]
+            history = found.records
     bar = Progress("APS epochs", total, initial=first, enabled=progress, log=log, unit="epoch")
     for epoch in range(first, total):
         searching = epoch >= config.warmup_epochs

@@ -76,7 +76,7 @@ from fxconet.errors import SearchError
 from fxconet.ir import ChannelGraph, round_width
 from fxconet.metrics import AGGREGATIONS, RankTracker
 from fxconet.strategies import SearchContext, SearchOutcome
-from fxconet.strategies.loop import Checkpoints, Progress, search_signature
+from fxconet.strategies.loop import Checkpoints, Progress, restoring, search_signature
 from fxconet.train import TrainConfig, TrainFn, evaluate, run_training
 
 __all__ = [
@@ -328,13 +328,14 @@ def conet_search(
     trained: nn.Module | None = None
     if resume:
         found = checkpoints.load()
-        state = _state_from_json(found.state)
-        history = found.records
-        first = found.next_step
-        if not config.reinit:
-            last_widths = {int(k): v for k, v in found.records[-1]["widths"].items()}
-            trained = resize(graph, last_widths, init="reset")
-            trained.load_state_dict(checkpoints.load_tensors(first - 1))
+        with restoring(checkpoints.out):
+            state = _state_from_json(found.state)
+            history = found.records
+            first = found.next_step
+            if not config.reinit:
+                last_widths = {int(k): v for k, v in found.records[-1]["widths"].items()}
+                trained = resize(graph, last_widths, init="reset")
+                trained.load_state_dict(checkpoints.load_tensors(first - 1))
         if found.done:
             first = config.trials
     bar = Progress("CONet trials", config.trials, initial=first, enabled=progress, log=log)

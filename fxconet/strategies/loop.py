@@ -12,10 +12,11 @@ checkpoint, so a killed search resumes where it stopped and ends exactly as an u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,14 +132,22 @@ class Checkpoints:
         files = sorted(self.out.glob("trial_*.json")) if self.out is not None else []
         if not files:
             raise SearchError(f"nothing to resume: no trial_*.json in {self.out}")
-        last = json.loads(files[-1].read_text())
+        found = [_read_checkpoint(f) for f in files]
+        last = found[-1]
         if last.get("signature") != _json_ready(self.signature):
             raise SearchError(
                 f"{files[-1]} was written for another model or search configuration; "
                 "use a new --out folder or the same settings"
             )
-        records = [json.loads(f.read_text())["record"] for f in files]
-        return Resumed(records=records, last=last, next_step=int(last["trial"]) + 1)
+        for i, (path, data) in enumerate(zip(files, found, strict=True)):
+            if data["trial"] != i:
+                raise SearchError(
+                    f"cannot resume from {self.out}: {path.name} is trial {data['trial']}, "
+                    f"expected trial {i} (a checkpoint is missing or was renamed); "
+                    f"{_FRESH_START}"
+                )
+        records = [data["record"] for data in found]
+        return Resumed(records=records, last=last, next_step=len(found))
 
     def load_tensors(self, step: int) -> Any:
         """The tensors saved with ``step`` (``torch.load(weights_only=True)``).
@@ -148,8 +157,15 @@ class Checkpoints:
         """
         path = self.tensor_path(step)
         if not path.is_file():
-            raise SearchError(f"cannot resume: {path} is missing")
-        return torch.load(path, weights_only=True)
+            raise SearchError(f"cannot resume: {path} is missing; {_FRESH_START}")
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # truncated or foreign files fail in torch's own ways
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SearchError(
+                f"cannot resume: {path} is damaged ({type(e).__name__}: {reason[:200]}); "
+                f"{_FRESH_START}"
+            ) from e
 
     def save(
         self,
@@ -208,6 +224,43 @@ class Checkpoints:
         if payload.get("settings") != _json_ready(settings):
             return None
         return dict(payload)
+
+
+@contextlib.contextmanager
+def restoring(out: Path | None) -> Iterator[None]:
+    """Turn a failure while restoring a search's state from ``out`` into a SearchError that
+    names the folder and the fix (the files passed the signature check but hold other data)."""
+    try:
+        yield
+    except SearchError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise SearchError(
+            f"cannot resume from {out}: its checkpoints do not hold this search's state "
+            f"({type(e).__name__}: {e}); {_FRESH_START}"
+        ) from e
+
+
+_FRESH_START = "start the search afresh with --overwrite (overwrite=True) or in a new --out folder"
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """One ``trial_NNN.json``, checked for the fields a resume reads."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SearchError(f"cannot resume: {path} is damaged ({e}); {_FRESH_START}") from e
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("trial"), int)
+        or not isinstance(data.get("record"), dict)
+        or "signature" not in data
+    ):
+        raise SearchError(
+            f"cannot resume: {path} is not an fxconet checkpoint (it lacks the trial, record "
+            f"or signature field); {_FRESH_START}"
+        )
+    return data
 
 
 def search_signature(
