@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 
 import pytest
+import torch
 import torchvision
 
 import fxconet
@@ -44,5 +45,7 @@ def test_zoo_model(name: str) -> None:
     assert random.ok, random
     del graph
     gc.collect()
-    zero = testing.check_zero_removal(model, x, seed=0, inplace=True)
+    giant = name in testing.TORCHVISION_GIANTS  # float32: a float64 copy alone is 5 GB
+    dtype = torch.float32 if giant else torch.float64
+    zero = testing.check_zero_removal(model, x, seed=0, inplace=True, dtype=dtype)
     assert zero.ok, zero
