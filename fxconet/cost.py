@@ -103,6 +103,10 @@ class CostModel:
     Attributes:
         params_before, macs_before: the model's own parameters and MACs.
 
+    A composite analysis (a model whose ``forward`` :func:`fxconet.analyze` kept opaque) is
+    counted part by part: every parameter of the model counts, but MACs only of layers inside
+    the analysed parts (the opaque code around them is not traced, so its calls are unknown).
+
     Example:
         >>> cost = CostModel(fxconet.analyze(model, torch.randn(1, 3, 32, 32)))
         >>> cost.macs({}) == cost.macs_before

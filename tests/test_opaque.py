@@ -208,7 +208,8 @@ def test_the_search_strategies_refuse_a_composite_with_a_reason():
 
 def test_a_list_of_inputs_is_explained_when_the_eager_run_fails():
     model, x = _list_case()
-    with pytest.raises(fxconet.TraceError, match=r"could not run ListDetector eagerly.*\(\[image\],\)"):
+    hint = r"could not run ListDetector eagerly.*\(\[image\],\)"
+    with pytest.raises(fxconet.TraceError, match=hint):
         _analyze(model, x[0])  # the list's items become two positional arguments
 
 
@@ -428,3 +429,13 @@ def test_the_input_copy_is_what_the_composite_checks_against():
     x[0][0].mul_(0)  # the user's tensors may change after analyze
     clone = copy.deepcopy(composite_of(graph).inputs.args[0][0])
     assert clone.abs().sum() > 0
+
+
+def test_optimize_channels_refuses_a_composite_and_maps_opaque_through():
+    model, x = _list_case()
+    with pytest.raises(fxconet.SearchError, match=r"composite of the traced parts 'backbone'"):
+        fxconet.optimize_channels(model, x, method="uniform", target_macs=0.5, progress=False)
+    with pytest.raises(fxconet.TraceError, match=r"cannot trace ListDetector\.forward"):
+        fxconet.optimize_channels(
+            model, x, method="uniform", target_macs=0.5, progress=False, opaque=False
+        )
