@@ -239,10 +239,14 @@ def combine_parts(
         offset = len(groups)
         records.append(Part(path, graph, offset))
         for g in graph.groups:
+            reason = g.reason
+            if reason is not None and path:  # "model output" is the part's boundary
+                reason = f"{reason} (of the part `{path}`)"
             groups.append(
                 dataclasses.replace(
                     g,
                     id=g.id + offset,
+                    reason=reason,
                     producers=_prefixed(g.producers, path),
                     consumers=_prefixed(g.consumers, path),
                     layers=_prefixed(g.layers, path),
