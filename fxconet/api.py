@@ -8,25 +8,36 @@ search, :func:`fxconet.optimize_channels`, lives in :mod:`fxconet.optimize`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from fxconet.errors import ChannelError
+from fxconet.errors import ChannelError, ShapeError, TraceError
 from fxconet.ir import ChannelGraph, check_widths
+from fxconet.passes.composite import (
+    Calls,
+    assemble,
+    capture_calls,
+    combine_parts,
+    composite_of,
+    detached_inputs,
+    join_path,
+)
 from fxconet.passes.label_edges import label_edges
-from fxconet.passes.module_copy import to_meta
-from fxconet.passes.nodes import normalize_inputs
+from fxconet.passes.module_copy import structural_copy, to_meta
+from fxconet.passes.nodes import has_submodule, normalize_inputs
 from fxconet.passes.probe import probe_channels
 from fxconet.passes.resize_layers import ResizePlan, resize_layers
 from fxconet.passes.shape_prop import propagate_shapes
 from fxconet.passes.solve_channels import solution_of, solve_channels
-from fxconet.passes.trace import trace_model
+from fxconet.passes.trace import trace_model, trace_with_fallback
 
 __all__ = ["analyze", "kept_channels", "resize"]
 
@@ -50,6 +61,9 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+_OPAQUE = ("auto", False)
+
+
 def analyze(
     model: nn.Module,
     example_inputs: Any,
@@ -58,6 +72,7 @@ def analyze(
     concrete_args: Mapping[str, Any] | None = None,
     freeze: Iterable[type | str] = (),
     probe: bool | str = "auto",
+    opaque: bool | str = "auto",
 ) -> ChannelGraph:
     """Find the independent channel groups of ``model``.
 
@@ -65,22 +80,40 @@ def analyze(
     shapes on the ``meta`` device (no real compute), labels every op conv / non-conv and solves
     the channel constraints. Python's cyclic garbage collector is paused meanwhile.
 
+    With ``opaque="auto"`` (the default), code that cannot be traced is kept opaque instead of
+    stopping the analysis, and a warning (and a note in :attr:`ChannelGraph.notes`) names every
+    module made opaque and why:
+
+    * a submodule whose code cannot be traced is called as one opaque op (as with
+      ``leaf_modules=``): its input and output widths are frozen. Its children are then
+      analysed on their own where they trace (inputs recorded by one eager run of the model).
+    * when the model's own ``forward`` cannot be traced (a detector looping over a list of
+      images), the model runs once eagerly on the example inputs, and its largest submodules
+      that trace (a backbone, an FPN, a head) are analysed on their own, each with its
+      boundary widths frozen. The result is a composite analysis: its groups are numbered
+      across the parts, and :func:`resize` returns a copy of the model with each part
+      replaced by its resized GraphModule, checked to run end to end on the example inputs.
+
     Args:
-        model: any ``nn.Module`` that ``torch.fx`` can trace.
+        model: any ``nn.Module``.
         example_inputs: a tensor, a tuple of inputs, or a dict of keyword inputs (only their
-            shapes and dtypes are used).
+            shapes and dtypes are used, unless the model has to run eagerly). A list is taken
+            as a sequence of inputs: a model that takes a list of images takes ``([image],)``.
         leaf_modules: module types or paths to keep opaque while tracing (their channels are
             frozen unless a rule is registered with :func:`fxconet.register_op`).
         concrete_args: passed to ``torch.fx`` to fix control-flow inputs.
         freeze: module paths or types whose input and output widths must not change.
         probe: confirm dynamic reshapes with a perturbed resize on ``meta`` tensors: ``"auto"``
             (when the graph computes sizes at run time), True or False.
+        opaque: ``"auto"`` (the fallback above) or False (raise :class:`TraceError` at the
+            first code that cannot be traced).
 
     Returns:
         The :class:`~fxconet.ir.ChannelGraph`; ``print`` it for a table of groups.
 
     Raises:
-        TraceError: the model cannot be traced (names the module path and the fix).
+        TraceError: the model cannot be traced and ``opaque=False``, or no part of it can be
+            analysed (names the module path and the fix).
         ShapeError: the example inputs do not fit the model (names the node).
 
     Example:
@@ -88,24 +121,205 @@ def analyze(
         >>> [g.size for g in graph.free][:3]
         [64, 64, 64]
     """
+    if opaque not in _OPAQUE or opaque is True:
+        raise ValueError(f"opaque must be 'auto' or False, got {opaque!r}")
+    options = _Options(tuple(leaf_modules), concrete_args, tuple(freeze), probe)
     with _gc_paused():
-        traced = trace_model(
-            model,
-            leaf_modules=leaf_modules,
-            concrete_args=concrete_args,
-            example_inputs=example_inputs,
-        )
-        args, kwargs = normalize_inputs(example_inputs)
-        propagate_shapes(traced, args, kwargs)
-        graph, solution = solve_channels(traced, freeze=tuple(freeze), name=type(model).__name__)
-        solution.example_args = to_meta(args)
-        solution.example_kwargs = to_meta(kwargs)
-        label_edges(solution)
-        if probe is True or (probe == "auto" and solution.needs_probe):
-            graph = probe_channels(graph)
+        if opaque == "auto":
+            graph = _analyze_auto(model, example_inputs, options)
+        else:
+            graph, _ = _analyze_traced(model, example_inputs, options, fallback=False)
     for note in graph.notes:
         warnings.warn(f"fxconet.analyze({graph.model_name}): {note}", stacklevel=2)
     return graph
+
+
+@dataclass(frozen=True)
+class _Options:
+    leaf_modules: tuple[type | str, ...]
+    concrete_args: Mapping[str, Any] | None
+    freeze: tuple[type | str, ...]
+    probe: bool | str
+
+    def under(self, path: str) -> _Options | None:
+        """The options of the submodule at ``path`` (paths made relative to it), or None when
+        a leaf or freeze path names it or a module around it (it is not analysed)."""
+        if not path:
+            return self
+        rel: list[list[type | str]] = [[], []]
+        for k, items in enumerate((self.leaf_modules, self.freeze)):
+            for item in items:
+                if not isinstance(item, str):
+                    rel[k].append(item)
+                elif item == path or path.startswith(item + ".") or not item:
+                    return None
+                elif item.startswith(path + "."):
+                    rel[k].append(item[len(path) + 1 :])
+        return _Options(tuple(rel[0]), None, tuple(rel[1]), self.probe)
+
+
+def _analyze_traced(
+    model: nn.Module, example_inputs: Any, options: _Options, *, fallback: bool
+) -> tuple[ChannelGraph, tuple[tuple[str, str], ...]]:
+    """The analysis of one traced module, and the submodules the trace kept opaque."""
+    if fallback:
+        traced, opaque = trace_with_fallback(
+            model,
+            leaf_modules=options.leaf_modules,
+            concrete_args=options.concrete_args,
+            example_inputs=example_inputs,
+        )
+    else:
+        opaque = ()
+        traced = trace_model(
+            model,
+            leaf_modules=options.leaf_modules,
+            concrete_args=options.concrete_args,
+            example_inputs=example_inputs,
+        )
+    args, kwargs = normalize_inputs(example_inputs)
+    propagate_shapes(traced, args, kwargs)
+    graph, solution = solve_channels(traced, freeze=options.freeze, name=type(model).__name__)
+    if opaque:
+        solution.notes[:0] = [
+            f"module `{path}` ({type(traced.module(path)).__name__}) is opaque (its input and "
+            f"output widths are frozen): it cannot be traced: {reason}"
+            for path, reason in opaque
+        ]
+        graph = dataclasses.replace(graph, notes=tuple(solution.notes))
+    solution.example_args = to_meta(args)
+    solution.example_kwargs = to_meta(kwargs)
+    label_edges(solution)
+    if options.probe is True or (options.probe == "auto" and solution.needs_probe):
+        graph = probe_channels(graph)
+    return graph, opaque
+
+
+def _analyze_auto(model: nn.Module, example_inputs: Any, options: _Options) -> ChannelGraph:
+    """``analyze(..., opaque="auto")``: the traced analysis when the model's own code traces
+    (submodules that fail kept opaque, their children analysed on their own), else a
+    composite of the submodules that trace."""
+    name = type(model).__name__
+    root_error: TraceError | None = None
+    try:
+        graph, opaque = _analyze_traced(model, example_inputs, options, fallback=True)
+    except TraceError as e:
+        if e.module_path != "":
+            raise  # refused before tracing: the message names the fix
+        root_error = e
+    else:
+        if not opaque:
+            return graph
+    inputs = detached_inputs(example_inputs)
+    for path in (p for p in options.freeze if isinstance(p, str)):
+        if not has_submodule(model, path):
+            raise KeyError(f"freeze= names unknown module paths {[path]}")
+    try:
+        calls = capture_calls(model, inputs)
+    except Exception as e:
+        if root_error is None:  # the traced analysis stands; its opaque parts stay whole
+            note = (
+                f"the children of the opaque modules are not analysed: running {name} "
+                f"eagerly on the example inputs failed ({type(e).__name__}: {_first_line(e)})"
+            )
+            return dataclasses.replace(graph, notes=(*graph.notes, note))
+        hint = (
+            "; example_inputs is a list, whose items are passed as separate arguments: a "
+            "model that takes a list of images takes ([image],)"
+            if isinstance(example_inputs, list)
+            else ""
+        )
+        raise TraceError(
+            f"{root_error}; the opaque fallback could not run {name} eagerly on the example "
+            f"inputs either: {type(e).__name__}: {_first_line(e)}{hint}",
+            module_path="",
+            reason=root_error.reason,
+        ) from e
+    parts: list[tuple[str, ChannelGraph]] = []
+    notes: list[str] = []
+    opaque_paths: list[tuple[str, str]] = []
+    if root_error is None:
+        parts.append(("", graph))
+        for path, reason in opaque:
+            opaque_paths.append((path, reason))
+            _descend(model, path, calls, options, parts, notes, opaque_paths)
+    else:
+        reason = root_error.reason or str(root_error)
+        opaque_paths.append(("", reason))
+        notes.append(
+            f"{name}.forward is opaque (it cannot be traced: {reason}); its submodules are "
+            "analysed on their own where they trace, each with its input and output widths "
+            "frozen"
+        )
+        _descend(model, "", calls, options, parts, notes, opaque_paths)
+    if root_error is None and len(parts) == 1:
+        return graph  # no child of an opaque module has a free group
+    if not parts:
+        raise TraceError(
+            f"{root_error}; the opaque fallback found no submodule of {name} that traces and "
+            "has a free channel group",
+            module_path="",
+            reason=root_error.reason if root_error else None,
+        )
+    notes.append(
+        "analysed on their own: "
+        + ", ".join(
+            f"`{path or name}` ({len(g.free)} of {len(g.groups)} groups free)" for path, g in parts
+        )
+    )
+    return combine_parts(name, structural_copy(model), parts, opaque_paths, inputs, notes)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _descend(
+    model: nn.Module,
+    path: str,
+    calls: Calls,
+    options: _Options,
+    parts: list[tuple[str, ChannelGraph]],
+    notes: list[str],
+    opaque: list[tuple[str, str]],
+) -> None:
+    """Analyse the children of the opaque module at ``path`` on their own: each child called
+    once on the example inputs is traced with the inputs it got (boundary widths frozen);
+    a child that does not trace is opaque in turn, and its children are tried."""
+    module = model.get_submodule(path) if path else model
+    for name, child in module.named_children():
+        cpath = join_path(path, name)
+        if not any(True for _ in child.parameters()):
+            continue  # nothing to resize
+        sub = options.under(cpath)
+        if sub is None:
+            continue  # a leaf or frozen module of the user's: left as it is
+        count = calls.counts.get(cpath, 0)
+        if count != 1:
+            why = "is not called" if count == 0 else f"is called {count} times"
+            notes.append(
+                f"module `{cpath}` ({type(child).__name__}) {why} on the example inputs: "
+                "left as it is"
+            )
+            continue
+        try:
+            graph, inner = _analyze_traced(child, calls.inputs[cpath], sub, fallback=True)
+        except (TraceError, ShapeError) as e:
+            reason = (e.reason if isinstance(e, TraceError) else None) or _first_line(e)
+            opaque.append((cpath, reason))
+            notes.append(
+                f"module `{cpath}` ({type(child).__name__}) is opaque (it cannot be analysed: "
+                f"{reason}); its children are analysed on their own where they trace"
+            )
+            _descend(model, cpath, calls, options, parts, notes, opaque)
+            continue
+        if graph.free:
+            parts.append((cpath, graph))
+        for leaf, reason in inner:
+            lpath = join_path(cpath, leaf)
+            opaque.append((lpath, reason))
+            _descend(model, lpath, calls, options, parts, notes, opaque)
 
 
 def resize(
@@ -118,7 +332,8 @@ def resize(
     concrete_args: Mapping[str, Any] | None = None,
     freeze: Iterable[type | str] = (),
     max_bytes: int | None | str = "auto",
-) -> torch.fx.GraphModule:
+    opaque: bool | str = "auto",
+) -> nn.Module:
     """Re-emit ``model`` with new channel widths, as a runnable ``torch.fx.GraphModule``.
 
     Every layer a changed group touches is resized consistently (convs of any kind, linears,
@@ -134,7 +349,7 @@ def resize(
         init: ``"inherit"`` (keep the largest-norm channels; new channels preserve the
             function, see :mod:`fxconet.passes.resize_layers`) or ``"reset"`` (fresh default
             initialisation of every layer).
-        leaf_modules, concrete_args, freeze: as for :func:`analyze`.
+        leaf_modules, concrete_args, freeze, opaque: as for :func:`analyze`.
         max_bytes: refuse a resize whose parameters would take more memory than this
             (counted from the IR before anything is allocated): ``"auto"`` is half this
             machine's physical memory, None no limit.
@@ -142,12 +357,16 @@ def resize(
     Returns:
         The resized GraphModule. ``gm.meta["fxconet"]`` holds the
         :class:`~fxconet.passes.resize_layers.ResizePlan` with the kept channel indices
-        (see :func:`kept_channels`).
+        (see :func:`kept_channels`). For a composite analysis (a model whose own ``forward``
+        is opaque, see :func:`analyze`): a copy of the model, of its own class, whose analysed
+        parts are resized GraphModules, checked to run on the example inputs.
 
     Raises:
         ChannelError: a width for an unknown, frozen group, below 1 or not a multiple of the
             group's divisor (the message names the group and its layers), or widths whose
             parameters would exceed ``max_bytes``.
+        VerificationError: the resized model does not compute the predicted shapes (or, for
+            a composite, does not run on the example inputs).
 
     Example:
         >>> gm = fxconet.resize(torchvision.models.resnet18(), {1: 32}, torch.randn(1, 3, 64, 64))
@@ -165,11 +384,19 @@ def resize(
             leaf_modules=leaf_modules,
             concrete_args=concrete_args,
             freeze=freeze,
+            opaque=opaque,
         )
     check_memory(graph, widths, max_bytes)
+    composite = composite_of(graph)
     with _gc_paused():
-        gm, _ = resize_layers(graph, widths, init=init)
-    return gm
+        if composite is None:
+            gm, _ = resize_layers(graph, widths, init=init)
+            return gm
+        local = composite.split(check_widths(graph, widths))  # global ids, validated
+        resized = {
+            p.path: resize_layers(p.graph, local[p.path], init=init)[0] for p in composite.parts
+        }
+        return assemble(composite, resized)
 
 
 def physical_memory() -> int | None:
@@ -207,7 +434,10 @@ def check_memory(
     from fxconet.cost import CostModel  # noqa: PLC0415 (cost imports the passes)
 
     params = CostModel(graph).params(full, check=False)
-    records = solution_of(graph).params.values()
+    try:
+        records = list(solution_of(graph).params.values())
+    except ChannelError:  # a composite analysis: its parts hold the tensors
+        records = []
     itemsize = max((r.tensor.element_size() for r in records), default=4)
     need = params * itemsize
     if need > limit:

@@ -56,6 +56,7 @@ class _Products:
         terms: Sequence[tuple[int, Sequence[Layout]]],
         n_groups: int,
         forms: dict[Layout, tuple[int, dict[int, int]]],
+        offset: int = 0,
     ) -> None:
         rows: list[np.ndarray] = []
         consts: list[int] = []
@@ -75,7 +76,7 @@ class _Products:
                 const, coef = form
                 row = np.zeros(n_groups, dtype=np.int64)
                 for g, k in coef.items():
-                    row[g] = k
+                    row[g + offset] = k  # a composite's part: its ids start at ``offset``
                 rows.append(row)
                 consts.append(const)
         self.a = np.stack(rows) if rows else np.zeros((0, n_groups), dtype=np.int64)
@@ -102,6 +103,10 @@ class CostModel:
     Attributes:
         params_before, macs_before: the model's own parameters and MACs.
 
+    A composite analysis (a model whose ``forward`` :func:`fxconet.analyze` kept opaque) is
+    counted part by part: every parameter of the model counts, but MACs only of layers inside
+    the analysed parts (the opaque code around them is not traced, so its calls are unknown).
+
     Example:
         >>> cost = CostModel(fxconet.analyze(model, torch.randn(1, 3, 32, 32)))
         >>> cost.macs({}) == cost.macs_before
@@ -112,19 +117,22 @@ class CostModel:
 
     def __init__(self, graph: ChannelGraph) -> None:
         self.graph = graph
-        view = SolutionView(graph)
-        terms = view.cost_terms()
         n = len(graph.groups)
-        forms: dict[Layout, tuple[int, dict[int, int]]] = {}
-        self._params = _Products(view, [(1, dims) for dims in terms.params], n, forms)
-        self._params.constant += terms.fixed_params
-        self._macs = _Products(view, list(terms.macs), n, forms)
+        view = SolutionView(graph)
+        self._params: list[_Products] = []
+        self._macs: list[_Products] = []
+        for offset, part in view.parts():  # one part, or a composite's traced parts
+            terms = part.cost_terms()
+            forms: dict[Layout, tuple[int, dict[int, int]]] = {}
+            params = [(1, dims) for dims in terms.params]
+            self._params.append(_Products(part, params, n, forms, offset))
+            self._macs.append(_Products(part, list(terms.macs), n, forms, offset))
+        self._fixed = view.fixed_params()
         self._unit = np.asarray([g.divisor for g in graph.groups], dtype=np.int64)
         self._sizes = np.asarray([g.size for g in graph.groups], dtype=np.int64)
         self._memo: dict[tuple[tuple[int, int], ...], tuple[int, int]] = {}
         base = self._sizes // self._unit
-        self.params_before = self._params(base)
-        self.macs_before = self._macs(base)
+        self.params_before, self.macs_before = self._count(base)
 
     def _slots(self, widths: Mapping[int, int], check: bool) -> np.ndarray:
         if check:
@@ -145,8 +153,11 @@ class CostModel:
 
     def evaluate(self, widths: Mapping[int, int], *, check: bool = True) -> tuple[int, int]:
         """``(parameters, MACs)`` of ``widths``, computed afresh (not memoised)."""
-        slots = self._slots(widths, check)
-        return self._params(slots), self._macs(slots)
+        return self._count(self._slots(widths, check))
+
+    def _count(self, slots: np.ndarray) -> tuple[int, int]:
+        params = self._fixed + sum(p(slots) for p in self._params)
+        return params, sum(m(slots) for m in self._macs)
 
     def params(self, widths: Mapping[int, int], *, check: bool = True) -> int:
         """Parameters after resizing to ``widths`` (group id -> width; others unchanged).

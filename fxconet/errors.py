@@ -31,7 +31,21 @@ class TraceError(FxconetError, RuntimeError):
 
     The message names the module path being traced, the reason, and how to work around it
     (``leaf_modules=`` to keep a module opaque, ``concrete_args=`` to fix a control-flow input).
+
+    Attributes:
+        module_path: where tracing failed: the path of the submodule whose code failed, ``""``
+            for the traced module's own ``forward``, or ``None`` when the model was refused
+            before tracing (parametrized layers, hooks on the root). ``analyze``'s opaque
+            fallback reads it.
+        reason: the failure alone, without the fix (``None`` for a refusal).
     """
+
+    def __init__(
+        self, message: str, *, module_path: str | None = None, reason: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.module_path = module_path
+        self.reason = reason
 
 
 class ShapeError(FxconetError, RuntimeError):

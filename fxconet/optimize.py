@@ -28,6 +28,7 @@ from fxconet.api import analyze, resize
 from fxconet.cost import Budget, CostModel, Projection, count_params, fit_budget
 from fxconet.errors import SearchError
 from fxconet.ir import ChannelGraph
+from fxconet.passes.composite import composite_of
 from fxconet.passes.nodes import META_KEY
 from fxconet.report import before_after_table, write_report
 from fxconet.strategies import SearchContext, SearchOutcome, get_method
@@ -46,9 +47,9 @@ __all__ = [
 COMMON_OPTIONS = frozenset(
     {
         "out", "resume", "seed", "progress", "epochs", "init", "train_config", "train_fn",
-        "test_data", "val_fraction", "leaf_modules", "concrete_args", "freeze", "data_dir",
-        "augment", "log", "target_macs", "target_params", "budget_tolerance", "overwrite",
-        "baseline",
+        "test_data", "val_fraction", "leaf_modules", "concrete_args", "freeze", "opaque",
+        "data_dir", "augment", "log", "target_macs", "target_params", "budget_tolerance",
+        "overwrite", "baseline",
     }
 )  # fmt: skip
 #: the built-in loop's settings given as options: every :class:`~fxconet.train.TrainConfig`
@@ -221,8 +222,9 @@ def optimize_channels(
         baseline (True): with test data, evaluate the model as given first (the table's
             "before" accuracy; one pass over the test data).
         val_fraction (0.1): held-out part of the training data for per-trial validation.
-        data_dir, augment: for named datasets. leaf_modules, concrete_args, freeze: as for
-            :func:`analyze`.
+        data_dir, augment: for named datasets. leaf_modules, concrete_args, freeze, opaque:
+            as for :func:`analyze` (a model analysed as a composite of opaque code and traced
+            parts is refused: the methods search and train one traced graph).
         target_macs, target_params: the final model's size: a float is a fraction of the
             model's (``target_macs=0.5``), an int an absolute count. The method's widths are
             projected onto it when they miss it (one global factor by bisection over the cost
@@ -298,7 +300,19 @@ def optimize_channels(
         leaf_modules=options.get("leaf_modules", ()),
         concrete_args=options.get("concrete_args"),
         freeze=options.get("freeze", ()),
+        opaque=options.get("opaque", "auto"),
     )
+    composite = composite_of(graph)
+    if composite is not None:
+        opaque = ", ".join(repr(path) if path else "its forward" for path, _ in composite.opaque)
+        raise SearchError(
+            f"optimize_channels cannot search {graph.model_name}: code of it cannot be traced "
+            f"({opaque}: {composite.opaque[0][1]}), so it was analysed as a composite of the "
+            f"traced parts {', '.join(repr(p.path) for p in composite.parts)}, and the methods "
+            "search and train one traced graph. Choose widths with fxconet.cost.fit_budget("
+            "CostModel(graph), allocation, Budget(...)) and build them with "
+            "fxconet.resize(graph, widths), or pass opaque=False to see what stops the trace"
+        )
     if isinstance(data, str):
         _check_classes(graph, data, options.get("data_dir"))
     cost = CostModel(graph)

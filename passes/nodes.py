@@ -3,8 +3,8 @@
 * :data:`META_KEY`, :class:`NodeInfo`: the one ``node.meta`` entry fxconet writes.
 * :class:`Traced`: a traced model before a GraphModule is built.
 * :class:`NodeView`: a node with other op, target or arguments (a rewrite evaluated in place).
-* :func:`describe_node`: a node named for error messages; :func:`normalize_inputs`;
-  :func:`get_attr`.
+* :func:`describe_node`: a node named for error messages; :func:`normalize_inputs` (and
+  :class:`CallInputs`, inputs with both positional and keyword arguments); :func:`get_attr`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 __all__ = [
     "META_KEY",
     "KWONLY_KEY",
+    "CallInputs",
     "NodeInfo",
     "NodeView",
     "Traced",
@@ -136,13 +137,30 @@ def describe_node(node: torch.fx.Node | NodeView) -> str:
     return f"node `{node.name}` ({node.op} {name}, {where})"
 
 
+@dataclass(frozen=True)
+class CallInputs:
+    """The positional and keyword arguments of one call, as example inputs (what a forward
+    pre-hook sees of a submodule's call).
+
+    Example:
+        >>> normalize_inputs(CallInputs((x,), {"mask": m})) == ((x,), {"mask": m})
+        True
+    """
+
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Turn a tensor, a sequence of inputs or a mapping of keyword inputs into (args, kwargs).
+    """Turn a tensor, a sequence of inputs, a mapping of keyword inputs or a
+    :class:`CallInputs` into (args, kwargs).
 
     Example:
         >>> normalize_inputs(torch.zeros(1, 3))[0][0].shape
         torch.Size([1, 3])
     """
+    if isinstance(example_inputs, CallInputs):
+        return tuple(example_inputs.args), dict(example_inputs.kwargs)
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,), {}
     if isinstance(example_inputs, Mapping):

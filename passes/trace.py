@@ -47,6 +47,7 @@ __all__ = [
     "propagate_shapes",
     "trace",
     "trace_model",
+    "trace_with_fallback",
 ]
 
 
@@ -327,10 +328,13 @@ class _Tracer(torch.fx.Tracer):
         try:
             path = self.path_of_module(m)
         except NameError as e:
+            caller = self.stack[-1] if self.stack else ""
             raise TraceError(
-                f"a {type(m).__name__} called inside `{self.stack[-1] if self.stack else ''}` "
+                f"a {type(m).__name__} called inside `{caller}` "
                 "is not a registered submodule (created inside forward?); register it in "
-                "__init__ so it has a module path"
+                "__init__ so it has a module path",
+                module_path=caller,
+                reason=f"calls a {type(m).__name__} that is not a registered submodule",
             ) from e
         self.stack.append(path)
         try:
@@ -503,11 +507,63 @@ def trace_model(
         )
         raise TraceError(
             f"cannot trace {location}: {type(e).__name__}: {reason}. Fix: {hint}, or fix the "
-            "control flow with concrete_args={...}"
+            "control flow with concrete_args={...}",
+            module_path=where,
+            reason=f"{type(e).__name__}: {reason.split('. ')[0].rstrip('.')}",
         ) from e
     for node, scope in tracer.scopes.items():
         node.meta[META_KEY] = NodeInfo(None, scope)
     return Traced(root=root, graph=graph, name=name, modules=paths, guards=list(tracer.guards))
+
+
+#: most submodules one trace makes opaque before it gives up (each costs a trace)
+MAX_OPAQUE = 64
+
+
+def trace_with_fallback(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+    example_inputs: Any = None,
+) -> tuple[Traced, tuple[tuple[str, str], ...]]:
+    """:func:`trace_model`, keeping every submodule whose own code cannot be traced opaque.
+
+    When tracing fails inside a submodule, the trace is repeated with that submodule's path
+    among the leaf modules (called as one opaque op: the solver freezes its input and output
+    channels), until it succeeds. The innermost failing module is made opaque first, so the
+    opaque part stays as small as the failure allows.
+
+    Returns:
+        The trace and, in the order they were found, ``(path, reason)`` of every submodule
+        made opaque.
+
+    Raises:
+        TraceError: the model's own ``forward`` cannot be traced (``module_path == ""``), the
+            model was refused before tracing (``module_path is None``), or more than
+            :data:`MAX_OPAQUE` submodules failed.
+
+    Example:
+        >>> traced, opaque = trace_with_fallback(model, example_inputs=x)
+        >>> opaque   # (("block", "TraceError: symbolically traced variables ..."),)
+    """
+    leaves = list(leaf_modules)
+    opaque: list[tuple[str, str]] = []
+    while True:
+        try:
+            traced = trace_model(
+                model,
+                leaf_modules=[*leaves, *(path for path, _ in opaque)],
+                concrete_args=concrete_args,
+                example_inputs=example_inputs,
+            )
+        except TraceError as e:
+            path = e.module_path
+            if not path or any(path == p for p, _ in opaque) or len(opaque) >= MAX_OPAQUE:
+                raise
+            opaque.append((path, e.reason or str(e)))
+            continue
+        return traced, tuple(opaque)
 
 
 def trace(

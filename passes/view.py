@@ -15,6 +15,7 @@ it only through :class:`SolutionView`:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxconet.errors import ChannelError
 from fxconet.ir import ChannelGraph, check_widths
 from fxconet.ops import registry as op_registry
 from fxconet.ops.layout import Layout
+from fxconet.passes.composite import Part, composite_of, join_path
 from fxconet.passes.module_copy import structural_copy
 from fxconet.passes.nodes import META_KEY
 from fxconet.passes.resize_layers import ResizePlan, plan_resize
@@ -108,12 +111,53 @@ class SolutionView:
 
     def __init__(self, graph: ChannelGraph) -> None:
         self.graph = graph
-        self._solution: Solution = solution_of(graph)
+        self._composite = composite_of(graph)
+        self._parts: tuple[tuple[Part, SolutionView], ...] = ()
+        if self._composite is not None:
+            self._parts = tuple((p, SolutionView(p.graph)) for p in self._composite.parts)
+        else:
+            self._single = solution_of(graph)
+
+    @property
+    def _solution(self) -> Solution:
+        """The solution of a single traced analysis (a composite has one per part)."""
+        if self._composite is not None:
+            raise ChannelError(
+                f"this ChannelGraph ({self.graph.model_name}) is a composite analysis (its "
+                "forward is opaque; parts "
+                f"{', '.join(repr(p.path) for p in self._composite.parts)} were traced on their "
+                "own): what was asked of it needs one traced graph (the cost model, "
+                "SolutionView.tensors and fxconet.resize work on a composite; the search "
+                "strategies do not). Analyse a part on its own, or a model that traces"
+            )
+        return self._single
 
     @property
     def name(self) -> str:
         """The traced model's class name."""
+        if self._composite is not None:
+            return self.graph.model_name
         return self._solution.traced.name
+
+    def parts(self) -> tuple[tuple[int, SolutionView], ...]:
+        """``(offset, view)`` of every traced part: ``((0, self),)`` for a single traced
+        analysis; a composite's parts, whose group ids start at ``offset``."""
+        if self._composite is None:
+            return ((0, self),)
+        return tuple((p.offset, v) for p, v in self._parts)
+
+    def _tracked(self) -> set[int]:
+        """Ids of the parameters on a channel group (every part's)."""
+        if self._composite is not None:
+            return {t for _, v in self._parts for t in v._tracked()}
+        params = self._solution.params
+        return {t for t, rec in params.items() if isinstance(rec.tensor, nn.Parameter)}
+
+    def fixed_params(self) -> int:
+        """Parameters of the whole model that no channel group touches."""
+        tracked = self._tracked()
+        root = self._composite.root if self._composite is not None else self._solution.traced.root
+        return sum(p.numel() for p in root.parameters() if id(p) not in tracked)
 
     def sizer(self, widths: Mapping[int, int]) -> Callable[[Layout], int]:
         """A function giving the new total size of a layout for ``widths`` (validated with
@@ -186,7 +230,26 @@ class SolutionView:
 
     def tensors(self) -> dict[str, TensorLayout]:
         """Every parameter and buffer of the traced model whose dims carry a channel group, by
-        qualified name (every name of a shared tensor)."""
+        qualified name (every name of a shared tensor); for a composite, every part's, named
+        in the whole model and with global group ids."""
+        if self._composite is not None:
+            out: dict[str, TensorLayout] = {}
+            for part, view in self._parts:
+                for name, tl in view.tensors().items():
+                    full = join_path(part.path, name)
+                    out[full] = dataclasses.replace(
+                        tl,
+                        name=full,
+                        layer=join_path(part.path, tl.layer),
+                        dims=tuple(
+                            tuple(
+                                b._replace(group=None if b.group is None else b.group + part.offset)
+                                for b in blocks
+                            )
+                            for blocks in tl.dims
+                        ),
+                    )
+            return out
         solution = self._solution
         slots = solution.slots
         owners: dict[int, str] = {}
@@ -196,7 +259,7 @@ class SolutionView:
         root = solution.traced.root
         named: dict[str, torch.Tensor] = dict(root.named_parameters(remove_duplicate=False))
         named.update(dict(root.named_buffers(remove_duplicate=False)))
-        out: dict[str, TensorLayout] = {}
+        single: dict[str, TensorLayout] = {}
         for name, t in named.items():
             rec = solution.params.get(id(t))
             if rec is None:
@@ -213,7 +276,7 @@ class SolutionView:
                     blocks.append(DimBlock(offset, b.outer, n, b.inner, group))
                     offset += b.outer * n * b.inner
                 dims.append(tuple(blocks))
-            out[name] = TensorLayout(
+            single[name] = TensorLayout(
                 name=name,
                 layer=owner,
                 kind=layer.kind if layer is not None else "param",
@@ -223,7 +286,7 @@ class SolutionView:
                 dims=tuple(dims),
                 roles=dict(rec.roles),
             )
-        return out
+        return single
 
     def plan(self, widths: Mapping[int, int]) -> ResizePlan:
         """The resize plan of ``widths`` keeping the first channels (no weights are read)."""

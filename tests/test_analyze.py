@@ -636,10 +636,18 @@ class DataDependent(nn.Module):
 
 def test_untraceable_model_names_the_module_and_the_fix():
     with pytest.raises(TraceError) as info:
-        fxconet.analyze(Untraceable(), torch.randn(1, 3, 4, 4))
+        fxconet.analyze(Untraceable(), torch.randn(1, 3, 4, 4), opaque=False)
     message = str(info.value)
     assert "`block`" in message and "DataDependent" in message
     assert "leaf_modules" in message and "concrete_args" in message
+    assert info.value.module_path == "block"
+
+
+def test_untraceable_module_is_kept_opaque_by_default_and_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"module `block` \(DataDependent\) is opaque"):
+        graph = fxconet.analyze(Untraceable(), torch.randn(1, 3, 4, 4))
+    (g,) = graph.groups
+    assert g.frozen and "no channel rule" in g.reason and "block" in g.reason
 
 
 def test_leaf_module_without_rule_is_frozen_with_reason():

@@ -1684,6 +1684,7 @@ def decode(supernet: Supernet, choice: Mapping[int, int]) -> torch.fx.GraphModul
     """
     widths = supernet.widths(choice)
     model = resize(supernet.graph, widths, init="reset")
+    assert isinstance(model, torch.fx.GraphModule)  # a supernet is built on one traced graph
     with torch.no_grad():
         tensors = supernet.effective(choice, live_stats=False)
         model.load_state_dict({k: v.detach().clone() for k, v in tensors.items()})
