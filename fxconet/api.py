@@ -37,7 +37,12 @@ from fxconet.passes.probe import probe_channels
 from fxconet.passes.resize_layers import ResizePlan, resize_layers
 from fxconet.passes.shape_prop import propagate_shapes
 from fxconet.passes.solve_channels import solution_of, solve_channels
-from fxconet.passes.trace import trace_model, trace_with_fallback
+from fxconet.passes.trace import (
+    grad_mode_notes,
+    hook_notes,
+    trace_model,
+    trace_with_fallback,
+)
 
 __all__ = ["analyze", "kept_channels", "resize"]
 
@@ -180,6 +185,10 @@ def _analyze_traced(
     args, kwargs = normalize_inputs(example_inputs)
     propagate_shapes(traced, args, kwargs)
     graph, solution = solve_channels(traced, freeze=options.freeze, name=type(model).__name__)
+    grad = grad_mode_notes(traced) + hook_notes(traced)
+    if grad:
+        solution.notes.extend(grad)
+        graph = dataclasses.replace(graph, notes=tuple(solution.notes))
     if opaque:
         solution.notes[:0] = [
             f"module `{path}` ({type(traced.module(path)).__name__}) is opaque (its input and "

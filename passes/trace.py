@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import re
 import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -564,6 +565,71 @@ def trace_with_fallback(
             opaque.append((path, e.reason or str(e)))
             continue
         return traced, tuple(opaque)
+
+
+_GRAD_MODE = re.compile(r"\b(no_grad|inference_mode|set_grad_enabled|enable_grad)\b")
+_GRAD_MODE_BY_CLASS: dict[type, str | None] = {}
+
+
+def _grad_mode_call(cls: type) -> str | None:
+    """The grad-mode switch (``no_grad`` ...) named in ``cls.forward``'s source, if any."""
+    if cls in _GRAD_MODE_BY_CLASS:
+        return _GRAD_MODE_BY_CLASS[cls]
+    found = None
+    forward = getattr(cls, "forward", None)
+    if forward is not None and not cls.__module__.startswith("torch."):
+        try:
+            match = _GRAD_MODE.search(inspect.getsource(forward))
+        except (OSError, TypeError):
+            match = None
+        found = match.group(1) if match else None
+    _GRAD_MODE_BY_CLASS[cls] = found
+    return found
+
+
+def grad_mode_notes(traced: Traced) -> list[str]:
+    """A note for every traced-through module whose ``forward`` switches grad mode (``with
+    torch.no_grad():``): fx records no grad mode, so the resized model computes those ops with
+    gradients (their layers will train). Leaf modules run as they are and are not named."""
+    leaves = [str(n.target) for n in traced.graph.find_nodes(op="call_module")]
+    leaf_set = set(leaves)
+    seen: dict[type, list[str]] = {}
+    for path, mod in traced.root.named_modules():
+        if path in leaf_set or any(path.startswith(leaf + ".") for leaf in leaf_set if leaf):
+            continue
+        call = _grad_mode_call(type(mod))
+        if call is not None:
+            seen.setdefault(type(mod), []).append(path or "(the model)")
+    notes = []
+    for cls, paths in seen.items():
+        more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+        verb = "use" if len(paths) > 1 else "uses"
+        notes.append(
+            f"`{paths[0]}`{more} ({cls.__name__}.forward) {verb} "
+            f"`torch.{_grad_mode_call(cls)}`, "
+            "which torch.fx does not record: in the resized model those ops run with "
+            f"gradients (their layers will train). Pass leaf_modules=[{cls.__name__}] to keep "
+            "the module as written (its widths then stay frozen)"
+        )
+    return notes
+
+
+def hook_notes(traced: Traced) -> list[str]:
+    """A note for every submodule with forward hooks: they are copied into the resized model,
+    where they see the new widths; fxconet cannot check that they accept them."""
+    hooked = [
+        path
+        for path, mod in traced.root.named_modules()
+        if path and (mod._forward_hooks or mod._forward_pre_hooks)
+    ]
+    if not hooked:
+        return []
+    shown = ", ".join(f"`{p}`" for p in hooked[:4]) + (" ..." if len(hooked) > 4 else "")
+    return [
+        f"{len(hooked)} module(s) have forward hooks ({shown}): the resized model keeps them "
+        "and they will see the new widths, which fxconet cannot check; freeze=[...] those "
+        "modules if a hook assumes its widths"
+    ]
 
 
 def trace(

@@ -304,3 +304,57 @@ def test_check_all_leaves_a_train_mode_model_as_it_was():
     assert model.training and all(m.training for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class NoGradBlock(nn.Module):
+    """A block that computes its features without gradients (a frozen feature extractor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.conv(x)
+
+
+class WithNoGrad(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = NoGradBlock()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.frozen(x))
+
+
+def test_no_grad_inside_a_traced_forward_warns_naming_the_module_and_the_fix():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.warns(UserWarning, match=r"`frozen` \(NoGradBlock.forward\) uses `torch.no_grad`"):
+        graph = fxconet.analyze(WithNoGrad(), x)
+    assert any("leaf_modules=[NoGradBlock]" in n for n in graph.notes)
+    # the named fix: kept as a leaf it runs as written, and nothing is said
+    graph = fxconet.analyze(WithNoGrad(), x, leaf_modules=[NoGradBlock])
+    assert not any("no_grad" in n for n in graph.notes)
+    gm = fxconet.resize(graph, {})
+    out = gm(x.requires_grad_())
+    assert out.grad_fn is not None and gm.frozen.conv.weight.grad is None
+    out.sum().backward()
+    assert gm.frozen.conv.weight.grad is None  # still no gradient inside the block
+
+
+def test_hooks_on_layers_are_kept_and_said():
+    model, x = (
+        nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)),
+        torch.randn(1, 3, 4, 4),
+    )
+    seen = []
+    model[2].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    with pytest.warns(UserWarning, match=r"forward hooks \(`2`\)"):
+        graph = fxconet.analyze(model, x)
+    (g,) = graph.free
+    gm = fxconet.resize(graph, {g.id: 5})
+    gm(x)
+    assert seen[-1] == 5  # the copied hook ran on the resized model, seeing the new width
+    model(x)
+    assert seen[-1] == 8  # and the user's own still runs on the user's model
