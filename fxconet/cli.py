@@ -291,7 +291,11 @@ def _build_parser(
     )
     opt.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (0.1)")
     opt.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (128)")
-    opt.add_argument("--max-batches", type=_positive_int, help="cap batches per epoch (demos)")
+    opt.add_argument(
+        "--max-batches",
+        type=_positive_int,
+        help="cap training batches per epoch (demos; validation and test data still run in full)",
+    )
     opt.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     opt.add_argument(
         "--out", type=Path, help="output folder (default: runs/<model>-<data>-<method>)"

@@ -131,8 +131,9 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing in [0, 1).
         seed: seeds the data order, augmentation and any dropout; the run is reproducible.
         device: where to train; ``None`` picks CUDA when available (see :func:`select_device`).
-        max_batches_per_epoch: stop each epoch after this many batches (``None``: all); for
-            quick tests and demos.
+        max_batches_per_epoch: stop each training epoch after this many batches (``None``:
+            all); for quick tests and demos. Validation and test data are still evaluated in
+            full.
         num_workers: DataLoader workers when the loop builds the DataLoader itself.
 
     Example:
