@@ -322,6 +322,14 @@ def _default_raw_init(rec: ParamRecord, shape: tuple[int, ...], like: torch.Tens
     return t
 
 
+def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``like``'s memory format (channels-last weights stay channels-last)."""
+    if t.device.type == "meta" or t.dim() not in (4, 5) or like.is_contiguous():
+        return t
+    fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt) if like.is_contiguous(memory_format=fmt) else t
+
+
 def _as_param(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if isinstance(like, nn.Parameter):
         return nn.Parameter(t, requires_grad=like.requires_grad)
@@ -364,7 +372,7 @@ class _Builder:
             if fresh is None and any(m is not None and (m < 0).any() for m in maps):
                 fresh = _default_raw_init(rec, _new_shape(rec, maps), old)
             new = _gather(old, maps, rec.roles, fresh)
-        new = _as_param(new, old)
+        new = _as_param(_same_layout(new, old), old)
         self.tensors[key] = new
         return new
 

@@ -1147,3 +1147,13 @@ def test_probe_freezes_what_run_time_sizes_contradict():
     assert a.free and b.free  # what the rules alone would claim
     with pytest.raises(fxconet.VerificationError, match="the resized graph fails"):
         fxconet.resize(unprobed, {a.id: 4})
+
+
+def test_resized_weights_keep_the_channels_last_layout():
+    model = Residual().to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    gm = fxconet.resize(graph, {by_producers(graph)[("c1",)].id: 6})
+    for name in ("c1", "c2", "stem"):
+        assert gm.get_submodule(name).weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x), rtol=0, atol=0)
