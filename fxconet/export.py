@@ -81,8 +81,9 @@ def load(path: str | os.PathLike[str], *, map_location: Any = None) -> nn.Module
     """Load a module written by :func:`save`.
 
     This calls ``torch.load(path, weights_only=False)``: unpickling runs code, so only load files
-    you trust. For untrusted weights use :func:`save_code`/:func:`load_code`, whose state dict
-    loads with ``weights_only=True``.
+    you trust. For files from others, the weights-only part of :func:`save_code` (``weights.pt``,
+    ``torch.load(weights_only=True)``) is safe, but ``model.py`` is Python that
+    :func:`load_code` executes: read it first. ONNX files (:func:`export_onnx`) hold no code.
     """
     model = torch.load(Path(path), map_location=map_location, weights_only=False)
     plan = model.__dict__.pop(_PLAN_ATTR, None) if isinstance(model, nn.Module) else None
