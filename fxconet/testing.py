@@ -14,8 +14,9 @@ Example:
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,8 @@ from fxconet.passes.nodes import normalize_inputs
 from fxconet.passes.view import SolutionView, TensorLayout
 
 __all__ = [
+    "LIBRARY_CASES",
+    "library_case",
     "CheckResult",
     "check_all",
     "check_identity",
@@ -282,6 +285,78 @@ def torchvision_case(
         model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
     size = kwargs.get("image_size", _TORCHVISION_INPUT.get(name, 32))
     return model.eval(), torch.randn(batch, 3, size, size)
+
+
+def _yolo(cfg: str) -> nn.Module:
+    from ultralytics.nn import tasks
+
+    kind = cfg.removesuffix(".yaml").split("-")[-1]
+    cls = {"pose": tasks.PoseModel, "seg": tasks.SegmentationModel}.get(kind, tasks.DetectionModel)
+    return cls(cfg, verbose=False)
+
+
+def _smp(arch: str) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return getattr(smp, arch)("resnet18", encoder_weights=None, classes=3)
+
+
+def _monai(name: str) -> nn.Module:
+    from monai.networks import nets
+
+    if name == "UNet":
+        return nets.UNet(2, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+    if name == "BasicUNet":
+        return nets.BasicUNet(spatial_dims=2, in_channels=1, out_channels=2)
+    return nets.SegResNet(2, init_filters=8, in_channels=1, out_channels=2)
+
+
+def _timm(name: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False, num_classes=10)
+
+
+_RGB, _GRAY = (1, 3, 64, 64), (1, 1, 32, 32)
+#: models of other libraries (name -> package, builder, input shape): random weights, small
+#: inputs; shared by ``tests/test_libraries.py`` and ``benchmarks/libraries.py``
+LIBRARY_CASES: dict[str, tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = {
+    "yolov8n": ("ultralytics", lambda: _yolo("yolov8n.yaml"), _RGB),
+    "yolo11n": ("ultralytics", lambda: _yolo("yolo11n.yaml"), _RGB),
+    "yolo11n-pose": ("ultralytics", lambda: _yolo("yolo11n-pose.yaml"), _RGB),
+    "yolov8n-seg": ("ultralytics", lambda: _yolo("yolov8n-seg.yaml"), _RGB),
+    "smp-unet-resnet18": ("segmentation_models_pytorch", lambda: _smp("Unet"), _RGB),
+    "smp-fpn-resnet18": ("segmentation_models_pytorch", lambda: _smp("FPN"), _RGB),
+    "smp-deeplabv3plus-resnet18": (
+        "segmentation_models_pytorch",
+        lambda: _smp("DeepLabV3Plus"),
+        _RGB,
+    ),
+    "monai-unet": ("monai", lambda: _monai("UNet"), _GRAY),
+    "monai-segresnet": ("monai", lambda: _monai("SegResNet"), _GRAY),
+    "monai-basicunet": ("monai", lambda: _monai("BasicUNet"), _GRAY),
+    "timm-fasternet_t0": ("timm", lambda: _timm("fasternet_t0"), _RGB),  # forward rebound
+    "timm-resnetv2_50x1_bit": ("timm", lambda: _timm("resnetv2_50x1_bit"), _RGB),  # StdConv2d
+    "timm-efficientnet_b0": ("timm", lambda: _timm("efficientnet_b0"), _RGB),  # drop path
+    "timm-resnet50d": ("timm", lambda: _timm("resnet50d"), _RGB),
+    "timm-convnext_nano": ("timm", lambda: _timm("convnext_nano"), _RGB),
+    "timm-mobilenetv3_large_100": ("timm", lambda: _timm("mobilenetv3_large_100"), _RGB),
+}
+
+
+def library_case(name: str, *, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A model of :data:`LIBRARY_CASES` (random weights, eval mode) and its input.
+
+    Raises:
+        ImportError: its library is not installed (``pip install fxconet[zoo]``).
+    """
+    package, make, shape = LIBRARY_CASES[name]
+    importlib.import_module(package)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = make().eval()
+    return model, torch.randn(*shape)
 
 
 def check_all(

@@ -9,7 +9,6 @@ does); without one its models are skipped, saying which package is missing.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,48 +18,11 @@ from torch import nn
 import fxconet
 from fxconet import testing
 
-
-def _yolo(cfg: str) -> nn.Module:
-    from ultralytics.nn import tasks
-
-    cls = {"pose": tasks.PoseModel, "seg": tasks.SegmentationModel}.get(
-        cfg.split("-")[-1].removesuffix(".yaml"), tasks.DetectionModel
-    )
-    return cls(cfg, verbose=False)
-
-
-def _smp(arch: str) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
-    return getattr(smp, arch)("resnet18", encoder_weights=None, classes=3)
-
-
-def _monai(name: str) -> nn.Module:
-    from monai.networks import nets
-
-    if name == "UNet":
-        return nets.UNet(2, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
-    return nets.SegResNet(2, init_filters=8, in_channels=1, out_channels=2)
-
-
-def _timm(name: str) -> nn.Module:
-    import timm
-
-    return timm.create_model(name, pretrained=False, num_classes=10)
-
-
-RGB, GRAY = (1, 3, 64, 64), (1, 1, 32, 32)
-CASES: dict[str, tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = {
-    "yolov8n": ("ultralytics", lambda: _yolo("yolov8n.yaml"), RGB),
-    "yolo11n-pose": ("ultralytics", lambda: _yolo("yolo11n-pose.yaml"), RGB),
-    "smp-unet-resnet18": ("segmentation_models_pytorch", lambda: _smp("Unet"), RGB),
-    "smp-fpn-resnet18": ("segmentation_models_pytorch", lambda: _smp("FPN"), RGB),
-    "monai-unet": ("monai", lambda: _monai("UNet"), GRAY),
-    "monai-segresnet": ("monai", lambda: _monai("SegResNet"), GRAY),
-    "timm-fasternet_t0": ("timm", lambda: _timm("fasternet_t0"), RGB),  # forward rebound
-    "timm-resnetv2_50x1_bit": ("timm", lambda: _timm("resnetv2_50x1_bit"), RGB),  # StdConv2d
-    "timm-efficientnet_b0": ("timm", lambda: _timm("efficientnet_b0"), RGB),  # drop path
-}
+#: the test's sample of :data:`fxconet.testing.LIBRARY_CASES` (the benchmark runs them all)
+CASES = [
+    "yolov8n", "yolo11n-pose", "smp-unet-resnet18", "smp-fpn-resnet18", "monai-unet",
+    "monai-segresnet", "timm-fasternet_t0", "timm-resnetv2_50x1_bit", "timm-efficientnet_b0",
+]  # fmt: skip
 
 
 def _state(model: nn.Module) -> dict[str, Any]:
@@ -71,13 +33,11 @@ def _state(model: nn.Module) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", CASES)
 def test_library_model_as_given(name: str) -> None:
-    package, make, shape = CASES[name]
+    package = testing.LIBRARY_CASES[name][0]
     pytest.importorskip(package, reason=f"{package} is in the zoo extra")
-    torch.manual_seed(0)
-    model = make().eval()
-    x = torch.randn(*shape)
+    model, x = testing.library_case(name)
     before = _state(model)
     graph = fxconet.analyze(model, x)
     total, free = graph.conv_params()
