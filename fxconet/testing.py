@@ -242,6 +242,17 @@ def check_zero_removal(
     )
 
 
+def _doubled_batch(value: Any) -> Any:
+    """Every tensor of a (nested) input concatenated with itself along the batch dim."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value]) if value.dim() else value
+    if isinstance(value, Mapping):
+        return {k: _doubled_batch(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_doubled_batch(v) for v in value)
+    return value
+
+
 def _calibrate_norms(model: nn.Module, example_inputs: Any, min_var: float = 1e-2) -> None:
     """Set BatchNorm running statistics from the zeroed model on ``example_inputs``, then freeze.
 
@@ -262,7 +273,14 @@ def _calibrate_norms(model: nn.Module, example_inputs: Any, min_var: float = 1e-
         m.reset_running_stats()
         m.momentum = None  # cumulative average: exactly this batch's statistics
         m.train()
-    _run(model, example_inputs, restore_buffers=False)  # the statistics are what it wants
+    try:
+        _run(model, example_inputs, restore_buffers=False)  # the statistics are what it wants
+    except ValueError as e:  # batch 1 and a 1x1 map: no batch statistics (training-mode BN)
+        if "more than 1 value per channel" not in str(e):
+            raise
+        # two copies of the batch: the same means and spatial variances, and a pooled map's
+        # variance 0 is floored at min_var below
+        _run(model, _doubled_batch(example_inputs), restore_buffers=False)
     for m, (training, momentum) in zip(norms, saved, strict=True):
         m.train(training)
         m.momentum = momentum

@@ -358,3 +358,26 @@ def test_hooks_on_layers_are_kept_and_said():
     assert seen[-1] == 5  # the copied hook ran on the resized model, seeing the new width
     model(x)
     assert seen[-1] == 8  # and the user's own still runs on the user's model
+
+
+class PooledBranch(nn.Module):
+    """An ASPP-style image-pooling branch: a BatchNorm on a 1x1 map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool_conv = nn.Conv2d(8, 8, 1)
+        self.pool_bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        p = F.relu(self.pool_bn(self.pool_conv(F.adaptive_avg_pool2d(y, 1))))
+        return self.head(torch.cat([y, p.expand_as(y)], 1))
+
+
+def test_check_all_runs_on_batch_one_through_a_pooled_batch_norm():
+    model, x = PooledBranch().eval(), torch.randn(1, 3, 8, 8)
+    results = check_all(model, x)
+    assert [r.name for r in results] == ["identity", "random", "zero-removal"]
+    assert all(r.ok for r in results), results
