@@ -90,43 +90,44 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 def outputs_of(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
-        out = model(x)
-    flat: list[torch.Tensor] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            flat.append(v)
-        elif isinstance(v, dict):
-            for w in v.values():
-                walk(w)
-        elif isinstance(v, list | tuple):
-            for w in v:
-                walk(w)
-
-    walk(out)
-    return flat
+        return _flatten(model(x))
 
 
 def output_layers(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
-    """Convs and linears whose output reaches the model's outputs with their channels (what a
-    pruner must leave alone): the last layer of each output, found by forward hooks."""
-    last: dict[int, nn.Module] = {}
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d | nn.Linear | nn.ConvTranspose2d):
+    """The convs and linears nearest to each model output (what a pruner must leave alone for
+    the outputs to keep their channels): found by walking the autograd graph back from the
+    outputs through channel-preserving ops (upsampling, activations ...) to the first conv or
+    matmul, whose weight names the layer."""
+    owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    layers: dict[int, nn.Module] = {}
+    with torch.enable_grad():
+        outs = [o for o in _flatten(model(x)) if o.requires_grad]
+    seen: set[int] = set()
+    stack = [o.grad_fn for o in outs if o.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        name = type(fn).__name__
+        if any(k in name for k in ("Convolution", "Addmm", "MmBackward", "Linear")):
+            for nxt, _ in fn.next_functions:
+                var = getattr(nxt, "variable", None)
+                if var is not None and id(var) in owner:
+                    layers[id(owner[id(var)])] = owner[id(var)]
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return list(layers.values())
 
-            def record(mod: nn.Module, args: Any, out: Any) -> None:
-                if isinstance(out, torch.Tensor):
-                    last[id(out)] = mod
 
-            hooks.append(m.register_forward_hook(record))
-    try:
-        outs = outputs_of(model, x)
-    finally:
-        for h in hooks:
-            h.remove()
-    found = {id(last[id(o)]): last[id(o)] for o in outs if id(o) in last}
-    return list(found.values())
+def _flatten(v: Any) -> list[torch.Tensor]:
+    if isinstance(v, torch.Tensor):
+        return [v]
+    if isinstance(v, dict):
+        return [t for w in v.values() for t in _flatten(w)]
+    if isinstance(v, list | tuple):
+        return [t for w in v for t in _flatten(w)]
+    return []
 
 
 def fxconet_row(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
