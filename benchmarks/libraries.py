@@ -12,9 +12,11 @@ one row with the columns of ``benchmarks/zoo.py``:
   channels (L1 magnitude, the model's output layers ignored) gives a model whose outputs keep
   their shapes.
 
-Both tools get the same model instance and input; times are medians of ``--repeats`` after one
-warm-up, on ``--threads`` CPU threads, fxconet and Torch-Pruning interleaved. Every stage has a
-time limit (``--stage-timeout``).
+Both tools get the same model instance and input, one after the other; times are medians of
+``--repeats`` after one warm-up, on ``--threads`` CPU threads. Torch-Pruning's build runs a real
+forward pass, cheap at these small inputs; fxconet's analysis costs the same at any input size
+(``benchmarks/zoo.py`` times both at 224x224). Every stage has a time limit
+(``--stage-timeout``).
 
 Usage:
     python benchmarks/libraries.py                 # all cases, a few minutes
