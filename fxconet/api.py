@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxconet.errors import ChannelError, ShapeError, TraceError
+from fxconet.errors import ChannelError, ShapeError, TraceError, first_line
 from fxconet.ir import ChannelGraph, check_widths
 from fxconet.passes.composite import (
     Calls,
@@ -185,16 +185,14 @@ def _analyze_traced(
     args, kwargs = normalize_inputs(example_inputs)
     propagate_shapes(traced, args, kwargs)
     graph, solution = solve_channels(traced, freeze=options.freeze, name=type(model).__name__)
-    grad = grad_mode_notes(traced) + hook_notes(traced)
-    if grad:
-        solution.notes.extend(grad)
-        graph = dataclasses.replace(graph, notes=tuple(solution.notes))
-    if opaque:
-        solution.notes[:0] = [
-            f"module `{path}` ({type(traced.module(path)).__name__}) is opaque (its input and "
-            f"output widths are frozen): it cannot be traced: {reason}"
-            for path, reason in opaque
-        ]
+    opaque_notes = [
+        f"module `{path}` ({type(traced.module(path)).__name__}) is opaque (its input and "
+        f"output widths are frozen): it cannot be traced: {reason}"
+        for path, reason in opaque
+    ]
+    extra = grad_mode_notes(traced) + hook_notes(traced)
+    if opaque_notes or extra:
+        solution.notes[:] = [*opaque_notes, *solution.notes, *extra]
         graph = dataclasses.replace(graph, notes=tuple(solution.notes))
     solution.example_args = to_meta(args)
     solution.example_kwargs = to_meta(kwargs)
@@ -229,7 +227,7 @@ def _analyze_auto(model: nn.Module, example_inputs: Any, options: _Options) -> C
         if root_error is None:  # the traced analysis stands; its opaque parts stay whole
             note = (
                 f"the children of the opaque modules are not analysed: running {name} "
-                f"eagerly on the example inputs failed ({type(e).__name__}: {_first_line(e)})"
+                f"eagerly on the example inputs failed ({type(e).__name__}: {first_line(e)})"
             )
             return dataclasses.replace(graph, notes=(*graph.notes, note))
         hint = (
@@ -240,7 +238,7 @@ def _analyze_auto(model: nn.Module, example_inputs: Any, options: _Options) -> C
         )
         raise TraceError(
             f"{root_error}; the opaque fallback could not run {name} eagerly on the example "
-            f"inputs either: {type(e).__name__}: {_first_line(e)}{hint}",
+            f"inputs either: {type(e).__name__}: {first_line(e)}{hint}",
             module_path="",
             reason=root_error.reason,
         ) from e
@@ -279,11 +277,6 @@ def _analyze_auto(model: nn.Module, example_inputs: Any, options: _Options) -> C
     return combine_parts(name, structural_copy(model), parts, opaque_paths, inputs, notes)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _descend(
     model: nn.Module,
     path: str,
@@ -315,7 +308,7 @@ def _descend(
         try:
             graph, inner = _analyze_traced(child, calls.inputs[cpath], sub, fallback=True)
         except (TraceError, ShapeError) as e:
-            reason = (e.reason if isinstance(e, TraceError) else None) or _first_line(e)
+            reason = (e.reason if isinstance(e, TraceError) else None) or first_line(e)
             opaque.append((cpath, reason))
             notes.append(
                 f"module `{cpath}` ({type(child).__name__}) is opaque (it cannot be analysed: "

@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = _method_flags()
     parser, optimize = _build_parser(flags)
     args = parser.parse_args(argv)
-    from fxconet.errors import FxconetError
+    from fxconet.errors import FxconetError, first_line
 
     method_options: dict[str, Any] = {}
     if args.command == "optimize":
@@ -455,8 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _analyze(args)
         return _optimize(args, method_options)
     except (FxconetError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"fxconet: error: {message}", file=sys.stderr)
+        print(f"fxconet: error: {first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fxconet: interrupted (resume with --resume)", file=sys.stderr)

@@ -19,7 +19,14 @@ __all__ = [
     "TraceError",
     "UnsupportedOpError",
     "VerificationError",
+    "first_line",
 ]
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message, or its type's name when the message is empty."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class FxconetError(Exception):

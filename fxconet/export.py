@@ -33,7 +33,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxconet.errors import ExportError
+from fxconet.errors import ExportError, first_line
 from fxconet.passes import fx_compat
 from fxconet.passes.module_copy import is_namedtuple
 from fxconet.passes.nodes import normalize_inputs
@@ -389,9 +389,9 @@ def save_code(
         try:
             torch.testing.assert_close(got, want, rtol=0, atol=0)
         except AssertionError as e:
-            first = str(e).strip().splitlines()[0]
             raise ExportError(
-                f"the code written to {folder} does not compute the model's outputs ({first})"
+                f"the code written to {folder} does not compute the model's outputs "
+                f"({first_line(e)})"
             ) from e
     return folder
 
@@ -546,10 +546,9 @@ def export_onnx(
             torch.onnx.export(gm, two, str(path), dynamic_shapes=shapes, **kwargs)
             return path
         except Exception as e:  # the model fixes its batch size
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             warnings.warn(
                 f"export_onnx: the batch size cannot be dynamic ({type(e).__name__}: "
-                f"{reason[:200]}); exporting for the example's batch size",
+                f"{first_line(e)[:200]}); exporting for the example's batch size",
                 stacklevel=2,
             )
     torch.onnx.export(gm, args, str(path), kwargs=kw or None, **kwargs)

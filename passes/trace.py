@@ -23,7 +23,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxconet.errors import TraceError
+from fxconet.errors import TraceError, first_line
 from fxconet.passes import fx_compat
 from fxconet.passes.module_copy import structural_copy, to_meta
 from fxconet.passes.nodes import (
@@ -500,7 +500,7 @@ def trace_model(
         where = tracer.failed_at[-1] if tracer.failed_at else ""
         mod = root.get_submodule(where) if where else root
         location = f"module `{where}` ({type(mod).__name__})" if where else f"{name}.forward"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         hint = (
             f"pass leaf_modules=[{type(mod).__name__}] (or the path {where!r}) to keep it opaque"
             if where

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fxconet.errors import SearchError
+from fxconet.errors import SearchError, first_line
 from fxconet.report import write_json
 
 __all__ = ["Checkpoints", "Progress", "Resumed", "logger", "search_signature"]
@@ -161,9 +161,8 @@ class Checkpoints:
         try:
             return torch.load(path, weights_only=True)
         except Exception as e:  # truncated or foreign files fail in torch's own ways
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SearchError(
-                f"cannot resume: {path} is damaged ({type(e).__name__}: {reason[:200]}); "
+                f"cannot resume: {path} is damaged ({type(e).__name__}: {first_line(e)[:200]}); "
                 f"{_FRESH_START}"
             ) from e
 
