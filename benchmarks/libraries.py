@@ -27,19 +27,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
-import signal
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import deadline, error_text, package_version, write_results
 from torch import nn
 
 import fxconet
@@ -59,27 +56,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Raise TimeoutError in the block after ``seconds`` (SIGALRM; the main thread only)."""
-
-    def _raise(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"stage took over {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
-
-
 def median_time(fn: Callable[[], Any], repeats: int) -> float:
     fn()
     times = []
@@ -92,7 +68,7 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 def outputs_of(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
-        return _flatten(model(x))
+        return testing.flat_tensors(model(x))
 
 
 def output_layers(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
@@ -103,7 +79,7 @@ def output_layers(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
     owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
     layers: dict[int, nn.Module] = {}
     with torch.enable_grad():
-        outs = [o for o in _flatten(model(x)) if o.requires_grad]
+        outs = [o for o in testing.flat_tensors(model(x)) if o.requires_grad]
     seen: set[int] = set()
     stack = [o.grad_fn for o in outs if o.grad_fn is not None]
     while stack:
@@ -120,16 +96,6 @@ def output_layers(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
             continue
         stack.extend(nxt for nxt, _ in fn.next_functions)
     return list(layers.values())
-
-
-def _flatten(v: Any) -> list[torch.Tensor]:
-    if isinstance(v, torch.Tensor):
-        return [v]
-    if isinstance(v, dict):
-        return [t for w in v.values() for t in _flatten(w)]
-    if isinstance(v, list | tuple):
-        return [t for w in v for t in _flatten(w)]
-    return []
 
 
 def fxconet_row(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
@@ -194,20 +160,20 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     try:
         model, x = testing.library_case(name)
     except Exception as e:
-        row["error"] = first_line(e)
+        row["error"] = error_text(e)
         return row
     row["params"] = sum(p.numel() for p in model.parameters())
     try:
         row["fxconet"] = fxconet_row(model, x, args)
     except Exception as e:
-        row["fxconet"] = {"error": first_line(e)}
+        row["fxconet"] = {"error": error_text(e)}
     if not args.skip_torch_pruning:
         tpr: dict[str, Any] = {}
         row["torch_pruning"] = tpr
         try:
             torch_pruning_row(model, x, args, tpr)
         except Exception as e:
-            tpr["error"] = f"{tpr.pop('stage', '')}: {first_line(e)}"
+            tpr["error"] = f"{tpr.pop('stage', '')}: {error_text(e)}"
     return row
 
 
@@ -266,13 +232,6 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "missing"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
@@ -305,15 +264,11 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
             "machine": platform.platform(),
             "torch": torch.__version__,
-            "torch_pruning": _version("torch-pruning"),
-            "libraries": ", ".join(f"{n} {_version(n.replace('_', '-'))}" for n in libs),
+            "torch_pruning": package_version("torch-pruning"),
+            "libraries": ", ".join(f"{n} {package_version(n.replace('_', '-'))}" for n in libs),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    md = table(result)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, result, table(result))
 
 
 if __name__ == "__main__":

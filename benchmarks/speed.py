@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import math
 import os
 import platform
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 import torchvision
+from _common import write_results
 from torch import nn
 
 import fxconet
@@ -259,11 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             "load": None if load is None else round(load, 2),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    md = table(result)
-    args.out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(args.out, result, table(result))
 
 
 if __name__ == "__main__":

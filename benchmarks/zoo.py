@@ -36,21 +36,19 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import signal
 import statistics
 import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
+from _common import StageTimeout, deadline, error_text, package_version
 from torch import nn
 
 ZOO = torchvision.models.list_models(module=torchvision.models)
@@ -85,34 +83,6 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Worker side: one model at a time
 # --------------------------------------------------------------------------------------------
-
-
-class StageTimeout(Exception):
-    """A stage ran past ``--stage-timeout``."""
-
-
-@contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    """Raise :class:`StageTimeout` in the main thread after ``seconds`` (SIGALRM)."""
-
-    def _raise(signum: int, frame: Any) -> None:
-        raise StageTimeout(f"timed out after {seconds:.0f} s")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _error(exc: BaseException) -> str:
-    """``Type: message`` on one line, cut to a readable length."""
-    msg = " ".join(str(exc).split())
-    if len(msg) > 300:
-        msg = msg[:297] + "..."
-    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
@@ -210,7 +180,7 @@ def run_model(name: str, config: Config, report: Callable[[dict[str, Any]], None
     stage("analyze")
     graph = None
     try:
-        with _deadline(config.stage_timeout):
+        with deadline(config.stage_timeout):
             ms, times, graph = _timed(lambda: fxconet.analyze(model, x), config.repeats)
         total, free = graph.conv_params()
         row["fx"] = {
@@ -227,12 +197,12 @@ def run_model(name: str, config: Config, report: Callable[[dict[str, Any]], None
     except Exception as exc:
         # a timeout leaves it unknown whether tracing itself would have succeeded
         traced = None if isinstance(exc, StageTimeout) else not isinstance(exc, fxconet.TraceError)
-        row["fx"] = {"traced": traced, "ok": False, "error": _error(exc)}
+        row["fx"] = {"traced": traced, "ok": False, "error": error_text(exc)}
 
     stage("resize")
     if graph is not None:
         try:
-            with _deadline(config.stage_timeout):
+            with deadline(config.stage_timeout):
                 widths = half_widths(graph)
                 gc.collect()
                 start = time.perf_counter()
@@ -241,21 +211,21 @@ def run_model(name: str, config: Config, report: Callable[[dict[str, Any]], None
             row["fx"]["resize_params"] = sum(p.numel() for p in gm.parameters())
             del gm
         except Exception as exc:
-            row["fx"]["resize_error"] = _error(exc)
+            row["fx"]["resize_error"] = error_text(exc)
         del graph
         gc.collect()
 
     if tp is not None:
         stage("tp_build")
         try:
-            with _deadline(config.stage_timeout):
+            with deadline(config.stage_timeout):
                 ms, times, _ = _timed(
                     lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x),
                     config.repeats,
                 )
             row["tp"] = {"build_ok": True, "build_ms": ms, "build_runs_ms": times}
         except Exception as exc:
-            row["tp"] = {"build_ok": False, "build_error": _error(exc)}
+            row["tp"] = {"build_ok": False, "build_error": error_text(exc)}
         gc.collect()
 
         stage("tp_prune")
@@ -264,10 +234,10 @@ def run_model(name: str, config: Config, report: Callable[[dict[str, Any]], None
             row["tp"]["prune"] = {"ok": None, "error": f"skipped: more than {limit} params"}
         else:
             try:
-                with _deadline(config.prune_timeout):
+                with deadline(config.prune_timeout):
                     row["tp"]["prune"] = _tp_prune(tp, model, x)
             except Exception as exc:
-                row["tp"]["prune"] = {"ok": False, "error": _error(exc)}
+                row["tp"]["prune"] = {"ok": False, "error": error_text(exc)}
     del model, x
     gc.collect()
 
@@ -279,11 +249,11 @@ def run_model(name: str, config: Config, report: Callable[[dict[str, Any]], None
         model, x = testing.torchvision_case(name)
         graph = None
         try:
-            with _deadline(config.stage_timeout):
+            with deadline(config.stage_timeout):
                 graph = fxconet.analyze(model, x)
         except Exception as exc:
             for key in ("identity", "random", "zero_removal"):
-                checks[key] = {"ok": False, "error": f"analyze: {_error(exc)}"}
+                checks[key] = {"ok": False, "error": f"analyze: {error_text(exc)}"}
         if graph is not None:
             high = 1.0 if name in testing.TORCHVISION_GIANTS else 2.0
             runs: dict[str, Callable[[], Any]] = {
@@ -301,13 +271,13 @@ def run_model(name: str, config: Config, report: Callable[[dict[str, Any]], None
                     graph = None
                     gc.collect()
                 try:
-                    with _deadline(config.stage_timeout):
+                    with deadline(config.stage_timeout):
                         result = run()
                     checks[key] = {"ok": bool(result.ok), "max_diff": result.max_diff}
                     if result.note:
                         checks[key]["note"] = result.note
                 except Exception as exc:
-                    checks[key] = {"ok": False, "error": _error(exc)}
+                    checks[key] = {"ok": False, "error": error_text(exc)}
                 report(row)
         del model, x, graph
         gc.collect()
@@ -329,7 +299,7 @@ def _serve(conn: Any, config: Config) -> None:
         try:
             run_model(name, config, report)
         except BaseException as exc:
-            conn.send({"model": name, "stage": "crashed", "worker_error": _error(exc)})
+            conn.send({"model": name, "stage": "crashed", "worker_error": error_text(exc)})
             traceback.print_exc()
 
 
@@ -568,10 +538,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 def _env() -> dict[str, str]:
     import fxconet
 
-    try:
-        tp_version = version("torch-pruning")
-    except PackageNotFoundError:
-        tp_version = "not installed"
+    tp_version = package_version("torch-pruning", "not installed")
     return {
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

@@ -37,6 +37,7 @@ __all__ = [
     "check_identity",
     "check_random_resize",
     "check_zero_removal",
+    "flat_tensors",
     "random_widths",
     "torchvision_case",
     "TORCHVISION_GIANTS",
@@ -85,19 +86,20 @@ def _run(model: Any, example_inputs: Any, *, restore_buffers: bool = True) -> An
                 buffer.copy_(value)
 
 
-def _flat(out: Any) -> list[torch.Tensor]:
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) model output, in order: dicts by value, lists and tuples."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flat(v)]
+        return [t for v in out.values() for t in flat_tensors(v)]
     if isinstance(out, tuple | list):
-        return [t for v in out for t in _flat(v)]
+        return [t for v in out for t in flat_tensors(v)]
     return []
 
 
 def _max_diff(a: Any, b: Any, rtol: float = 1e-4) -> tuple[float, bool]:
     """Largest absolute difference, and whether it is within ``rtol`` of the output scale."""
-    fa, fb = _flat(a), _flat(b)
+    fa, fb = flat_tensors(a), flat_tensors(b)
     if len(fa) != len(fb) or any(x.shape != y.shape for x, y in zip(fa, fb, strict=True)):
         return float("inf"), False
     pairs = [(x, y) for x, y in zip(fa, fb, strict=True) if x.numel()]
@@ -159,7 +161,7 @@ def check_random_resize(
     if not graph.free:
         return CheckResult("random", True, note="no free group")
     gm = resize(graph, random_widths(graph, seed, high=high))
-    ref, out = _flat(_run(model, example_inputs)), _flat(_run(gm, example_inputs))
+    ref, out = flat_tensors(_run(model, example_inputs)), flat_tensors(_run(gm, example_inputs))
     ok = len(ref) == len(out) and all(a.shape == b.shape for a, b in zip(ref, out, strict=True))
     finite = all(torch.isfinite(t).all() for t in out)
     return CheckResult("random", ok and finite, note=f"{len(graph.free)} groups resized")
@@ -236,7 +238,7 @@ def check_zero_removal(
     gm = resize(graph, widths)
     rtol = 1e-7 if dtype == torch.float64 else 1e-3
     diff, ok = _max_diff(ref, _run(gm, example_inputs), rtol=rtol)
-    scale = max((float(t.abs().max()) for t in _flat(ref) if t.numel()), default=0.0)
+    scale = max((float(t.abs().max()) for t in flat_tensors(ref) if t.numel()), default=0.0)
     return CheckResult(
         "zero-removal", ok, diff, note=f"{len(eligible)} groups shrunk, output scale {scale:.3g}"
     )
