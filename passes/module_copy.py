@@ -37,10 +37,9 @@ _HOOK_DICTS = (
 )
 
 
-def shallow_copy(m: nn.Module) -> nn.Module:
-    """``copy.copy(m)``, without the generic reduce machinery for plain modules (5x faster);
-    methods bound to ``m`` in its ``__dict__`` are bound to the copy."""
-    cls = type(m)
+def copies_itself(cls: type) -> bool:
+    """True for a module class that customises how it is copied or pickled (``__reduce_ex__``,
+    ``__copy__``, ``__getstate__``/``__setstate__`` of its own): copy it with :mod:`copy`."""
     custom = _CUSTOM_COPY.get(cls)
     if custom is None:
         custom = _CUSTOM_COPY[cls] = (
@@ -49,7 +48,14 @@ def shallow_copy(m: nn.Module) -> nn.Module:
             or getattr(cls, "__getstate__", None) is not getattr(nn.Module, "__getstate__", None)
             or getattr(cls, "__setstate__", None) is not getattr(nn.Module, "__setstate__", None)
         )
-    if custom:
+    return custom
+
+
+def shallow_copy(m: nn.Module) -> nn.Module:
+    """``copy.copy(m)``, without the generic reduce machinery for plain modules (5x faster);
+    methods bound to ``m`` in its ``__dict__`` are bound to the copy."""
+    cls = type(m)
+    if copies_itself(cls):
         new = copy.copy(m)
     else:
         new = cls.__new__(cls)

@@ -36,7 +36,7 @@ from fxconet.ir import ChannelGraph, check_widths
 from fxconet.ops import registry as op_registry
 from fxconet.ops.layout import Layout, is_layout
 from fxconet.passes import fx_compat
-from fxconet.passes.module_copy import shallow_copy, structural_copy
+from fxconet.passes.module_copy import copies_itself, shallow_copy, structural_copy
 from fxconet.passes.nodes import META_KEY, NodeView, get_attr
 from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution, solution_of
 from fxconet.passes.verify import verify_channels
@@ -129,7 +129,7 @@ class ResizePlan:
             n = slots.size[b.var]
             size = b.outer * n * b.inner
             m = self.base.get(b.var)
-            if m is None or (len(m) == n and m[0] == 0 and m[-1] == n - 1 and (m >= 0).all()):
+            if m is None or len(m) == n:  # plan_resize keeps an unchanged slot as arange(n)
                 run += size  # kept as is: one contiguous range with its neighbours
                 off += size
                 continue
@@ -489,11 +489,9 @@ def detached_copy(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
     if hit is not None:
         return hit
     cls = type(mod)
-    if hasattr(cls, "__deepcopy__") or cls.__reduce_ex__ is not object.__reduce_ex__:
+    if hasattr(cls, "__deepcopy__") or copies_itself(cls):
         return copy.deepcopy(mod, memo)
     new = shallow_copy(mod)
-    if type(new) is not cls or new.__dict__ is mod.__dict__:
-        return copy.deepcopy(mod, memo)
     memo[id(mod)] = new
     d = new.__dict__
     for key, value in mod.__dict__.items():
