@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxconet.errors import ChannelError
 from fxconet.ir import ChannelGraph, check_widths, round_width
 from fxconet.ops.layout import Layout
+from fxconet.passes.module_copy import evaluating
 from fxconet.passes.view import SolutionView
 
 __all__ = [
@@ -445,13 +446,7 @@ def count_macs(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> i
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     device = _model_device(model)
     inputs = tuple(x.to(device) if isinstance(x, Tensor) else x for x in inputs)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     counter = FlopCounterMode(display=False)
-    try:
-        with torch.no_grad(), counter:
-            model(*inputs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with evaluating(model), torch.no_grad(), counter:
+        model(*inputs)
     return counter.get_total_flops() // 2

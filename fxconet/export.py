@@ -35,7 +35,7 @@ from torch import nn
 
 from fxconet.errors import ExportError, first_line
 from fxconet.passes import fx_compat
-from fxconet.passes.module_copy import is_namedtuple
+from fxconet.passes.module_copy import evaluating, is_namedtuple
 from fxconet.passes.nodes import normalize_inputs
 
 __all__ = [
@@ -371,21 +371,15 @@ def save_code(
     inputs = _example_inputs(gm) if example_inputs is None else normalize_inputs(example_inputs)
     if inputs is not None:
         args, kwargs = inputs
-        try:
-            with torch.no_grad():
-                gm.eval()
-                rebuilt.eval()
-                want = gm(*args, **kwargs)
-                try:
-                    got = rebuilt(*args, **kwargs)
-                except Exception as e:
-                    raise ExportError(
-                        f"the code written to {folder} fails on the example inputs: "
-                        f"{type(e).__name__}: {e}"
-                    ) from e
-        finally:
-            for path, mod in gm.named_modules():
-                mod.training = modes[path]
+        with torch.no_grad(), evaluating(gm), evaluating(rebuilt):
+            want = gm(*args, **kwargs)
+            try:
+                got = rebuilt(*args, **kwargs)
+            except Exception as e:
+                raise ExportError(
+                    f"the code written to {folder} fails on the example inputs: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
         try:
             torch.testing.assert_close(got, want, rtol=0, atol=0)
         except AssertionError as e:
@@ -481,25 +475,21 @@ def save_program(
     """
     path = Path(path)
     args, kw = normalize_inputs(example_inputs)
-    modes = [(m, m.training) for m in gm.modules()]
-    gm.eval()
     try:
-        program = None
-        if dynamic_batch and not kw:
-            batch = torch.export.Dim("batch", min=1)
-            shapes = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
-            two = _batch_of_two(args)  # torch.export specialises dims of size 1
-            try:
-                program = torch.export.export(gm, two, dynamic_shapes=shapes)
-            except Exception:  # the model fixes its batch size: export it for the example's
-                program = None
-        if program is None:
-            program = torch.export.export(gm, args, kwargs=kw or None)
+        with evaluating(gm):
+            program = None
+            if dynamic_batch and not kw:
+                batch = torch.export.Dim("batch", min=1)
+                shapes = tuple({0: batch} if isinstance(a, torch.Tensor) else None for a in args)
+                two = _batch_of_two(args)  # torch.export specialises dims of size 1
+                try:
+                    program = torch.export.export(gm, two, dynamic_shapes=shapes)
+                except Exception:  # the model fixes its batch size: export it for the example's
+                    program = None
+            if program is None:
+                program = torch.export.export(gm, args, kwargs=kw or None)
     except Exception as e:
         raise ExportError(f"torch.export cannot export the model: {type(e).__name__}: {e}") from e
-    finally:
-        for m, mode in modes:
-            m.training = mode
     torch.export.save(program, path)
     return path
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from fxconet.data import as_loader
 from fxconet.errors import DataError
+from fxconet.passes.module_copy import evaluating
 
 __all__ = [
     "SCHEDULES",
@@ -569,22 +570,16 @@ def evaluate(
     else:
         device = select_device(device)
         model.to(device)
-    modes = [(m, m.training) for m in model.modules()]  # each submodule's own flag
-    model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
-    try:
-        with torch.no_grad():
-            for step, (x, y) in enumerate(loader):
-                if max_batches is not None and step >= max_batches:
-                    break
-                x, y = x.to(device), y.to(device)
-                logits = model(x)
-                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(1) == y).sum())
-                seen += y.shape[0]
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with evaluating(model), torch.no_grad():  # each submodule's own flag restored
+        for step, (x, y) in enumerate(loader):
+            if max_batches is not None and step >= max_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            seen += y.shape[0]
     if seen == 0:
         return EvalResult(loss=math.nan, accuracy=0.0, num_samples=0)
     return EvalResult(loss=loss_sum / seen, accuracy=correct / seen, num_samples=seen)

@@ -26,7 +26,7 @@ from torch import nn
 
 from fxconet.errors import ChannelError, VerificationError
 from fxconet.ir import ChannelGraph, ChannelGroup, Deferred, EdgeInfo, LayerInfo, TensorInfo
-from fxconet.passes.module_copy import structural_copy, to_meta
+from fxconet.passes.module_copy import HOOK_TABLES, structural_copy, to_meta
 from fxconet.passes.nodes import CallInputs, normalize_inputs
 
 __all__ = [
@@ -41,17 +41,6 @@ __all__ = [
     "join_path",
     "run_eagerly",
 ]
-
-#: the hook tables of a module (a structural copy shares them with the user's module)
-_HOOK_TABLES = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
 
 
 def join_path(prefix: str, name: str) -> str:
@@ -134,7 +123,7 @@ def _own_hooks(module: nn.Module) -> None:
     """Give a structurally copied module hook tables of its own (with the user's hooks), so
     hooks registered on the copy never reach the user's module."""
     d = module.__dict__
-    for name in _HOOK_TABLES:
+    for name in HOOK_TABLES:
         table = d.get(name)
         if table is not None:
             d[name] = type(table)(table)

@@ -3,19 +3,24 @@
 * :func:`structural_copy`: the module tree copied, parameters and buffers shared (tracing).
 * :func:`meta_module`: a shallow copy whose tensors live on ``meta`` (shape propagation).
 * :func:`to_meta`: tensors in a (nested) value as ``meta`` tensors of the same shape and dtype.
+* :func:`evaluating`: eval mode for a block, every submodule's own flag restored after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "HOOK_TABLES",
+    "evaluating",
     "is_namedtuple",
     "meta_module",
     "real_copy",
@@ -27,14 +32,29 @@ __all__ = [
 # module class -> defines its own copy/pickle protocol (weak: GraphModules make a class each)
 _CUSTOM_COPY: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
-_HOOK_DICTS = (
+#: the hook tables of a module (a structural copy shares them with the user's module)
+HOOK_TABLES = (
     "_forward_hooks",
     "_forward_pre_hooks",
-    "_backward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_pre_hooks_with_kwargs",
     "_forward_hooks_always_called",
+    "_backward_hooks",
+    "_backward_pre_hooks",
 )
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode, then give every submodule back its own
+    training flag (a frozen ``bn.eval()`` inside a training model stays frozen)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def copies_itself(cls: type) -> bool:
@@ -148,7 +168,7 @@ def meta_module(module: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
     d["_modules"] = {
         k: (meta_module(c, cache) if c is not None else None) for k, c in module._modules.items()
     }
-    for hooks in _HOOK_DICTS:
+    for hooks in HOOK_TABLES:
         if hooks in d:
             d[hooks] = type(d[hooks])()
     cache[id(module)] = new
