@@ -591,15 +591,15 @@ def grad_mode_notes(traced: Traced) -> list[str]:
     """A note for every traced-through module whose ``forward`` switches grad mode (``with
     torch.no_grad():``): fx records no grad mode, so the resized model computes those ops with
     gradients (their layers will train). Leaf modules run as they are and are not named."""
-    leaves = [str(n.target) for n in traced.graph.find_nodes(op="call_module")]
-    leaf_set = set(leaves)
+    leaves = {str(n.target) for n in traced.graph.find_nodes(op="call_module")}
     seen: dict[type, list[str]] = {}
     for path, mod in traced.root.named_modules():
-        if path in leaf_set or any(path.startswith(leaf + ".") for leaf in leaf_set if leaf):
+        if _grad_mode_call(type(mod)) is None:  # cached per class: most modules stop here
             continue
-        call = _grad_mode_call(type(mod))
-        if call is not None:
-            seen.setdefault(type(mod), []).append(path or "(the model)")
+        parts = path.split(".")
+        if any(".".join(parts[:k]) in leaves for k in range(1, len(parts) + 1)):
+            continue  # a leaf, or inside one: it runs as written
+        seen.setdefault(type(mod), []).append(path or "(the model)")
     notes = []
     for cls, paths in seen.items():
         more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
