@@ -35,7 +35,7 @@ from torch import nn
 
 from fxconet.errors import ExportError, first_line
 from fxconet.passes import fx_compat
-from fxconet.passes.module_copy import evaluating, is_namedtuple
+from fxconet.passes.module_copy import evaluating, map_tensors
 from fxconet.passes.nodes import normalize_inputs
 
 __all__ = [
@@ -405,18 +405,13 @@ def _example_inputs(gm: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any]] | N
     device = _device_of(gm)
     gen = torch.Generator().manual_seed(0)
 
-    def real(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            if t.is_floating_point():
-                return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(device)
-            return torch.zeros(t.shape, dtype=t.dtype, device=device)  # indices, masks: in range
-        if isinstance(t, tuple | list) and not is_namedtuple(t):
-            return type(t)(real(v) for v in t)
-        if isinstance(t, dict):
-            return {k: real(v) for k, v in t.items()}
-        return t
+    def real(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(device)
+        return torch.zeros(t.shape, dtype=t.dtype, device=device)  # indices, masks: in range
 
-    return real(tuple(solution.example_args)), real(dict(solution.example_kwargs))
+    args = map_tensors(tuple(solution.example_args), real)
+    return args, map_tensors(dict(solution.example_kwargs), real)
 
 
 def load_code(

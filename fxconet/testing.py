@@ -26,6 +26,7 @@ from torch import nn
 
 from fxconet.api import analyze, resize
 from fxconet.ir import ChannelGraph
+from fxconet.passes.module_copy import map_tensors
 from fxconet.passes.nodes import normalize_inputs
 from fxconet.passes.view import SolutionView, TensorLayout
 
@@ -109,13 +110,7 @@ def _max_diff(a: Any, b: Any, rtol: float = 1e-4) -> tuple[float, bool]:
 
 
 def _double(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.double() if value.is_floating_point() else value
-    if isinstance(value, Mapping):
-        return {k: _double(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_double(v) for v in value)
-    return value
+    return map_tensors(value, lambda t: t.double() if t.is_floating_point() else t)
 
 
 def random_widths(
@@ -246,13 +241,7 @@ def check_zero_removal(
 
 def _doubled_batch(value: Any) -> Any:
     """Every tensor of a (nested) input concatenated with itself along the batch dim."""
-    if isinstance(value, torch.Tensor):
-        return torch.cat([value, value]) if value.dim() else value
-    if isinstance(value, Mapping):
-        return {k: _doubled_batch(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_doubled_batch(v) for v in value)
-    return value
+    return map_tensors(value, lambda t: torch.cat([t, t]) if t.dim() else t)
 
 
 def _calibrate_norms(model: nn.Module, example_inputs: Any, min_var: float = 1e-2) -> None:

@@ -26,7 +26,7 @@ from torch import nn
 
 from fxconet.errors import ChannelError, VerificationError
 from fxconet.ir import ChannelGraph, ChannelGroup, Deferred, EdgeInfo, LayerInfo, TensorInfo
-from fxconet.passes.module_copy import HOOK_TABLES, structural_copy, to_meta
+from fxconet.passes.module_copy import HOOK_TABLES, map_tensors, structural_copy, to_meta
 from fxconet.passes.nodes import CallInputs, normalize_inputs
 
 __all__ = [
@@ -183,16 +183,10 @@ def detached_inputs(example_inputs: Any) -> CallInputs:
     keeps them for the end-to-end check of every resize)."""
     args, kwargs = normalize_inputs(example_inputs)
 
-    def clone(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.detach().clone()
-        if isinstance(v, list | tuple) and not hasattr(v, "_fields"):
-            return type(v)(clone(x) for x in v)
-        if isinstance(v, dict):
-            return {k: clone(x) for k, x in v.items()}
-        return v
+    def clone(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone()
 
-    return CallInputs(clone(tuple(args)), clone(dict(kwargs)))
+    return CallInputs(map_tensors(tuple(args), clone), map_tensors(dict(kwargs), clone))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "HOOK_TABLES",
     "evaluating",
     "is_namedtuple",
+    "map_tensors",
     "meta_module",
     "real_copy",
     "shallow_copy",
@@ -133,6 +134,32 @@ def is_namedtuple(value: Any) -> bool:
     return isinstance(value, tuple) and hasattr(value, "_fields")
 
 
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``fn`` applied to every tensor of a (nested) value: lists, tuples and dicts are rebuilt,
+    named tuples and other values are returned as they are (mappings come back as dicts).
+
+    Example:
+        >>> map_tensors((torch.zeros(2), [torch.ones(1)], 3), lambda t: t + 1)
+        (tensor([1., 1.]), [tensor([2.])], 3)
+    """
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple | list):
+        return value if is_namedtuple(value) else type(value)(map_tensors(v, fn) for v in value)
+    if isinstance(value, Mapping):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
+def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "meta":
+        return t
+    out = torch.empty_like(t, device="meta")
+    if isinstance(t, nn.Parameter):
+        out = nn.Parameter(out, requires_grad=t.requires_grad)
+    return out
+
+
 def to_meta(value: Any) -> Any:
     """Tensors in a (nested) value as ``meta`` tensors (parameters stay parameters); named
     tuples and other values are returned as they are.
@@ -141,18 +168,7 @@ def to_meta(value: Any) -> Any:
         >>> to_meta((torch.zeros(2), 3))[0].device
         device(type='meta')
     """
-    if isinstance(value, torch.Tensor):
-        if value.device.type == "meta":
-            return value
-        out = torch.empty_like(value, device="meta")
-        if isinstance(value, nn.Parameter):
-            out = nn.Parameter(out, requires_grad=value.requires_grad)
-        return out
-    if isinstance(value, tuple | list):
-        return type(value)(to_meta(v) for v in value) if not is_namedtuple(value) else value
-    if isinstance(value, dict):
-        return {k: to_meta(v) for k, v in value.items()}
-    return value
+    return map_tensors(value, _meta_tensor)
 
 
 def meta_module(module: nn.Module, cache: dict[int, nn.Module]) -> nn.Module:
