@@ -25,6 +25,10 @@ For each seed ``s`` (paired: every method of a seed starts from the same trained
      ``--conet-epochs`` epochs from fresh initialisations on 90% of the training images),
      projected onto the budget; the search depends on the seed, not on the budget, so it runs
      once per seed (the second budget resumes its checkpoints);
+   * ``greedy``: fxconet's greedy slimming (``method="greedy"``): from the trained network,
+     shrink one channel group at a time where the validation loss (after BatchNorm
+     recalibration) rises least per MAC saved, until the budget is met; scored on the 10% of
+     the training images held out of the search;
    * ``aps``: APS with transitionary sharing (``--aps-warmup`` warm-up and ``--aps-search``
      search epochs on 90% of the training images, the other 10% for the rewards), aimed at the
      budget (its reward's FLOPs target and its final pick).
@@ -71,7 +75,7 @@ from fxconet.models import cifar_resnet20
 from fxconet.train import TrainConfig, evaluate, select_device, train
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("uniform", "random", "tp-l2", "static", "conet", "aps")
+METHODS = ("uniform", "random", "tp-l2", "static", "conet", "aps", "greedy")
 SHAPE = (1, 28, 28)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "TrainFn",
     "TrainHistory",
     "evaluate",
+    "recalibrate_norms",
     "run_training",
     "seed_everything",
     "select_device",
@@ -583,6 +584,47 @@ def evaluate(
     if seen == 0:
         return EvalResult(loss=math.nan, accuracy=0.0, num_samples=0)
     return EvalResult(loss=loss_sum / seen, accuracy=correct / seen, num_samples=seen)
+
+
+def recalibrate_norms(model: nn.Module, batches: Any) -> int:
+    """Re-estimate every BatchNorm's running statistics of ``model`` from ``batches``.
+
+    A network resized with inherited weights keeps each kept channel's old statistics, which no
+    longer fit once the layers before it lost channels. This resets them and measures the
+    exact average over ``batches`` (an iterable of input tensors, or of ``(input, target)``
+    pairs) with every other module in eval mode (dropout off) and no gradients; every
+    submodule's train/eval flag and every BatchNorm's momentum are restored afterwards.
+
+    Returns:
+        The number of BatchNorm layers recalibrated (0 leaves ``model`` unchanged).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+        >>> recalibrate_norms(net, [torch.randn(8, 1, 6, 6)])
+        1
+    """
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    device = _model_device(model)
+    with evaluating(model), torch.no_grad():
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        try:
+            for batch in batches:
+                x = batch[0] if isinstance(batch, list | tuple) else batch
+                model(x.to(device))
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+    return len(norms)
 
 
 def run_training(

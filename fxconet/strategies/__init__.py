@@ -1,4 +1,4 @@
-"""Width-choosing strategies: static and uniform scaling, CONet, APS.
+"""Width-choosing strategies: static and uniform scaling, random, greedy slimming, CONet, APS.
 
 Every method of :func:`fxconet.optimize_channels` is an entry of :data:`METHODS`: a frozen
 config dataclass, the single source of the method's options (their names, defaults, checks and
@@ -173,6 +173,14 @@ METHODS: dict[str, Method] = {
         "fxconet.strategies.static:run_random",
         "fxconet.strategies.static:RandomConfig",
         summary="a random factor per group (the sanity check of any search)",
+    ),
+    "greedy": Method(
+        "greedy",
+        "fxconet.strategies.greedy:run",
+        "fxconet.strategies.greedy:GreedyConfig",
+        needs_data=True,
+        summary="shrink the group that costs the least validation loss per MAC saved, "
+        "step by step onto the budget",
     ),
     "aps": Method(
         "aps",
