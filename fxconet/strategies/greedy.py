@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -62,7 +63,7 @@ class GreedyConfig:
             (0 keeps the inherited statistics).
         eval_batches: held-out batches that score each candidate (>= 1; the validation split,
             or training batches after the calibration ones when there is none).
-        batch_size: batch size of those batches.
+        score_batch_size: batch size of those batches.
         lazy: re-score only the best candidates of the previous step until the best one is
             fresh (lazy greedy); False re-scores every candidate at every step.
         seed: seeds which batches are drawn.
@@ -72,7 +73,7 @@ class GreedyConfig:
     min_fraction: float = 0.0625
     calib_batches: int = 2
     eval_batches: int = 4
-    batch_size: int = 256
+    score_batch_size: int = 256
     lazy: bool = True
     seed: int = 0
 
@@ -85,8 +86,10 @@ class GreedyConfig:
             raise ValueError(f"GreedyConfig.calib_batches={self.calib_batches!r}: must be >= 0")
         if self.eval_batches < 1:
             raise ValueError(f"GreedyConfig.eval_batches={self.eval_batches!r}: must be >= 1")
-        if self.batch_size < 1:
-            raise ValueError(f"GreedyConfig.batch_size={self.batch_size!r}: must be >= 1")
+        if self.score_batch_size < 1:
+            raise ValueError(
+                f"GreedyConfig.score_batch_size={self.score_batch_size!r}: must be >= 1"
+            )
 
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -123,7 +126,7 @@ def _draw(data: Any, count: int, skip: int, config: GreedyConfig, device: torch.
     """``count`` batches of ``data`` after the first ``skip`` (a seeded shuffle)."""
     if count == 0:
         return []
-    loader = as_loader(data, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    loader = as_loader(data, batch_size=config.score_batch_size, shuffle=True, seed=config.seed)
     out: Batches = []
     for i, batch in enumerate(loader):
         if i < skip:
@@ -135,7 +138,8 @@ def _draw(data: Any, count: int, skip: int, config: GreedyConfig, device: torch.
             break
     if not out:
         raise SearchError(
-            f"method='greedy': the data has fewer than {skip + 1} batches of {config.batch_size}"
+            f"method='greedy': the data has fewer than {skip + 1} batches of "
+            f"{config.score_batch_size}"
         )
     return out
 
@@ -167,6 +171,8 @@ class _Search:
             for g in graph.free
         }
         self.widths = {g.id: g.size for g in graph.free}
+        self.divisor = {g.id: g.divisor for g in graph.free}
+        self.tolerance = budget.tolerance
         self.cache: dict[int, tuple[float, int]] = {}  # group -> (loss increase, version)
         self.version = 0
         self.loss = math.nan
@@ -182,11 +188,29 @@ class _Search:
         key = max(self.targets, key=lambda k: c[k] / self.targets[k])
         return key, c[key] / self.targets[key] - 1.0
 
+    def excess_of(self, widths: Mapping[int, int]) -> float:
+        """The largest ``cost / target - 1`` of ``widths`` over the targets."""
+        c = self.costs(widths)
+        return max(c[k] / t - 1.0 for k, t in self.targets.items())
+
     def candidate(self, gid: int) -> dict[int, int] | None:
         width = max(self.floor[gid], self.widths[gid] - self.step_of[gid])
         if width >= self.widths[gid]:
             return None
         return {**self.widths, gid: width}
+
+    def last_move(self, gid: int, move: dict[int, int]) -> dict[int, int]:
+        """``move``, or, when it takes the binding cost below every target by more than the
+        tolerance, the widest width of ``gid`` between the move's and the current one that
+        meets every target (the budget is met without overshooting)."""
+        if self.excess_of(move) >= -self.tolerance:
+            return move
+        d = self.divisor[gid]
+        for width in range(move[gid] + d, self.widths[gid], d)[::-1]:
+            trial = {**move, gid: width}
+            if self.excess_of(trial) <= 0:
+                return trial
+        return move
 
     def saving(self, widths: Mapping[int, int], key: str) -> float:
         """The binding cost a candidate saves, as a fraction of the model's."""
@@ -262,6 +286,15 @@ def greedy_search(
 
     if math.isnan(search.loss):
         search.loss = score(search.widths)
+    classes = 1 + max(int(y.max()) for _, y in batches)
+    if classes > 1 and search.loss > 0.9 * math.log(classes):
+        warnings.warn(
+            f"greedy slimming of {graph.model_name}: its held-out loss {search.loss:.3f} is about "
+            f"that of guessing among {classes} classes ({math.log(classes):.3f}), so the losses "
+            "the search compares are noise (untrained weights?); pass a trained model, or use "
+            "method='uniform' for an untrained one",
+            stacklevel=2,
+        )
     start_loss = history[0]["loss_before"] if history else search.loss
     bound = sum(math.ceil((g.size - search.floor[g.id]) / search.step_of[g.id]) for g in graph.free)
     step = first
@@ -297,7 +330,10 @@ def greedy_search(
                 best = min(moves, key=ratio)
             increase = search.cache.pop(best)[0]
             loss_before = search.loss
-            search.widths = moves[best]
+            last = search.last_move(best, moves[best])
+            if last != moves[best]:  # the full step would undershoot: the narrowest fit
+                increase = score(last) - loss_before
+            search.widths = last
             search.loss = loss_before + increase
             search.version += 1
             c = search.costs(search.widths)

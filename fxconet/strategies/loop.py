@@ -302,7 +302,7 @@ class Progress:
 
     Args:
         desc: the bar's label.
-        total: number of steps.
+        total: number of steps (None: not known in advance).
         initial: steps already done (resumed).
         enabled: show the bar.
         log: also receives every log line (the CLI prints them).
@@ -312,7 +312,7 @@ class Progress:
     def __init__(
         self,
         desc: str,
-        total: int,
+        total: int | None,
         *,
         initial: int = 0,
         enabled: bool = True,
