@@ -359,8 +359,11 @@ def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> in
     from tqdm.auto import tqdm
 
     import fxconet
+    from fxconet import distributed
     from fxconet.models import build_model
 
+    distributed.init_from_env()  # under torchrun: one process per device, rank 0 writes
+    main = distributed.is_main()
     classes, channels, size = _shape_for(args)
     torch.manual_seed(args.seed)  # the starting weights, and so the "before" accuracy, repeat
     model = build_model(args.model, num_classes=classes, in_channels=channels, image_size=size)
@@ -385,8 +388,15 @@ def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> in
         "log": tqdm.write,  # above the progress bars
         **method_options,
     }
-    print(f"fxconet: {args.method} on {args.model} with {args.data}; output in {out}", flush=True)
+    if main:
+        job = f" ({distributed.world_size()} processes)" if distributed.is_distributed() else ""
+        print(
+            f"fxconet: {args.method} on {args.model} with {args.data}{job}; output in {out}",
+            flush=True,
+        )
     result = fxconet.optimize_channels(model, data=args.data, method=args.method, **options)
+    if not main:
+        return 0
     print()
     print(result.table())
     print(f"\nreport: {result.report_path}")

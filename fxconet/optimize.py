@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fxconet import data as data_mod
+from fxconet import distributed
 from fxconet import train as train_mod
 from fxconet.api import analyze, resize
 from fxconet.cost import Budget, CostModel, Projection, count_params, fit_budget
@@ -268,7 +269,7 @@ def optimize_channels(
         params=options.get("target_params"),
         tolerance=float(options.get("budget_tolerance", 0.02)),
     )
-    progress = bool(options.get("progress", True))
+    progress = bool(options.get("progress", True)) and distributed.is_main()
     epochs = int(options.get("epochs", 0))
     out = Path(options["out"]) if options.get("out") is not None else None
     train_fn = options.get("train_fn")
@@ -335,12 +336,14 @@ def optimize_channels(
         overwrite=bool(options.get("overwrite", False)),
         seed=seed,
         progress=progress,
-        log=options.get("log"),
+        log=options.get("log") if distributed.is_main() else None,
         budget=budget,
         cost=cost,
     )
     started = time.perf_counter()
     outcome = spec.run(ctx)
+    if distributed.is_distributed():  # rank 0 decides: the ranks cannot end apart
+        outcome = distributed.broadcast_object(outcome)
     seconds = time.perf_counter() - started
     widths, projection = _meet_budget(cost, outcome, budget)
     init = options.get("init") or ("reset" if epochs > 0 else "inherit")
@@ -357,14 +360,15 @@ def optimize_channels(
         if train_data is None and train_fn is None:
             raise ValueError("epochs > 0 needs data= (or a train_fn) to train the final model")
         final_started = time.perf_counter()
-        log = options.get("log")
+        log = options.get("log") if distributed.is_main() else None
 
         def final_epoch(epoch: int, m: nn.Module) -> None:
             line = (
                 f"final training: epoch {epoch + 1}/{epochs} "
                 f"({time.perf_counter() - final_started:.0f} s)"
             )
-            logger.info(line)
+            if distributed.is_main():
+                logger.info(line)
             if log is not None:
                 log(line)
 
@@ -409,7 +413,10 @@ def optimize_channels(
         extra=extra,
     )
     if out is not None:
-        path = write_report(result.report(), out)
+        path = out / "report.json"
+        if distributed.is_main():  # one report per job
+            path = write_report(result.report(), out)
+        distributed.barrier()
         result = dataclasses.replace(result, report_path=path)
     return result
 

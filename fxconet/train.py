@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from fxconet import distributed
 from fxconet.data import as_loader
 from fxconet.errors import DataError
 from fxconet.passes.module_copy import evaluating
@@ -458,18 +459,30 @@ def train(
         2
     """
     config = config or TrainConfig()
-    device = select_device(config.device)
-    loader = as_loader(
-        data,
-        batch_size=config.batch_size,
-        shuffle=True,
-        seed=config.seed,
-        num_workers=config.num_workers,
-    )
+    progress = progress and distributed.is_main()  # one bar per job
+    sharded = distributed.is_distributed()
+    device = distributed.local_device() if sharded and config.device is None else None
+    device = device or select_device(config.device)
+    sampler = None
+    if sharded and not isinstance(data, DataLoader):
+        loader, sampler = _sharded_loader(data, config)
+    else:
+        loader = as_loader(
+            data,
+            batch_size=config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            num_workers=config.num_workers,
+        )
     val_loader = None
     if val_data is not None:
         val_loader = as_loader(val_data, batch_size=256, split="test", seed=config.seed)
     model.to(device)
+    net: nn.Module = model
+    if sharded:  # every rank steps with the averaged gradient: the weights stay equal
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     adas = AdaS(model, lr=config.lr, beta=config.adas_beta) if config.schedule == "adas" else None
     optimizer = config.sgd(adas.param_groups() if adas is not None else model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config._factor)
@@ -490,6 +503,8 @@ def train(
                 else optimizer.param_groups[0]["lr"]
             )
             model.train()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             # Sums stay on the device: no host sync per batch unless a progress bar shows them.
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
@@ -505,7 +520,7 @@ def train(
             for x, y in bar:
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -520,6 +535,11 @@ def train(
             bar.close()
             if seen == 0:
                 raise DataError("training data yielded no batch (empty dataset or drop_last?)")
+            if sharded:  # the epoch's loss and accuracy over every rank's examples
+                totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
+                totals = torch.cat([totals, torch.tensor([float(seen)], device=device)])
+                torch.distributed.all_reduce(totals)
+                loss_sum, correct, seen = totals[0], totals[1].long(), int(totals[2])
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
             if adas is not None:
@@ -533,7 +553,37 @@ def train(
                 record["val_loss"].append(result.loss)
                 record["val_accuracy"].append(result.accuracy)
             record["seconds"].append(time.perf_counter() - start)
+    if sharded:  # the last step's BatchNorm statistics are each rank's own: take rank 0's
+        with torch.no_grad():
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
     return TrainHistory(**{k: tuple(v) for k, v in record.items()})
+
+
+def _sharded_loader(data: Any, config: TrainConfig) -> tuple[DataLoader, Any]:
+    """This rank's part of ``data`` under ``torch.distributed``: a DistributedSampler shuffled
+    by ``config.seed`` and ``batch_size / world_size`` examples a step (the global batch stays
+    ``config.batch_size``)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from fxconet.data import as_dataset
+
+    dataset = as_dataset(data, split="train") if isinstance(data, str) else data
+    world = distributed.world_size()
+    if config.batch_size % world:
+        raise DataError(
+            f"batch_size={config.batch_size} does not split over {world} processes: use a "
+            f"multiple of {world} (each process takes batch_size / {world} examples a step)"
+        )
+    sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.batch_size // world,
+        sampler=sampler,
+        num_workers=config.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return loader, sampler
 
 
 def evaluate(

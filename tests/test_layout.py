@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: the layer of every module (lower layers never import higher ones)
 LAYERS = {
     "fxconet.errors": 0,
+    "fxconet.distributed": 0,
     "fxconet.ir": 1,
     "fxconet.ops": 2,
     "fxconet.passes": 3,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fxconet import distributed
 from fxconet.errors import SearchError, first_line
 from fxconet.report import write_json
 
@@ -104,8 +105,10 @@ class Checkpoints:
                     f"and {len(written) - 1} more); continue it with resume=True (--resume), "
                     "start over with overwrite=True (--overwrite), or use another folder"
                 )
-            for path in written:
-                path.unlink()
+            if distributed.is_main():  # under torchrun every rank decided the same above
+                for path in written:
+                    path.unlink()
+        distributed.barrier()  # no rank reads the folder before rank 0 prepared it
 
     def written(self) -> list[Path]:
         """The files in ``out`` that a search writes (checkpoints and its final stages)."""
@@ -177,7 +180,7 @@ class Checkpoints:
     ) -> None:
         """Write the checkpoint of ``step``: its tensors first (atomically), then the JSON that
         makes the step count as finished."""
-        if self.out is None:
+        if self.out is None or not distributed.is_main():
             return
         if tensors is not None:
             path = self.tensor_path(step)
@@ -198,7 +201,7 @@ class Checkpoints:
     def save_final(self, name: str, payload: Mapping[str, Any]) -> None:
         """Write the result of a search's last stage (``name.json``: APS's final pick), so a
         resumed search that reaches it again reads it instead of recomputing it."""
-        if self.out is None:
+        if self.out is None or not distributed.is_main():
             return
         write_json(
             self.out / f"{name}.json",
@@ -319,11 +322,16 @@ class Progress:
         log: Callable[[str], None] | None = None,
         unit: str = "trial",
     ) -> None:
-        self._bar = tqdm(total=total, initial=initial, desc=desc, disable=not enabled, unit=unit)
-        self._log = log
+        main = distributed.is_main()  # under torchrun only rank 0 shows progress
+        self._bar = tqdm(
+            total=total, initial=initial, desc=desc, disable=not (enabled and main), unit=unit
+        )
+        self._log = log if main else None
 
     def log(self, line: str) -> None:
-        """One line about the search: to ``log``, and to the ``fxconet`` logger."""
+        """One line about the search: to ``log``, and to the ``fxconet`` logger (rank 0)."""
+        if not distributed.is_main():
+            return
         logger.info(line)
         if self._log is not None:
             self._log(line)

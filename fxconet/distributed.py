@@ -1,0 +1,113 @@
+"""Running fxconet inside a ``torchrun`` job (or any initialised ``torch.distributed`` group).
+
+Under ``torchrun --nproc_per_node=N -m fxconet optimize ...`` every process runs the same search.
+What keeps the ranks together:
+
+* the built-in training loop (:func:`fxconet.train.train`) wraps the model in
+  ``DistributedDataParallel`` and shards the data with a ``DistributedSampler`` (each rank
+  ``batch_size / N`` examples a step: the global batch stays ``batch_size``), so every rank holds
+  the same weights after every step (DDP also broadcasts BatchNorm statistics from rank 0);
+* a method's decision (the widths) is made on every rank from those identical weights and then
+  broadcast from rank 0 (:func:`broadcast_object`), so the ranks cannot end apart;
+* only rank 0 writes checkpoints, the report, plots and the saved model, and only rank 0 shows
+  progress; the other ranks wait at a barrier where a folder is prepared, and read the same
+  checkpoints on ``--resume`` (one machine, or a shared filesystem).
+
+:func:`init_from_env` starts the process group from torchrun's environment (``gloo`` on the CPU,
+``nccl`` with CUDA, one device per local rank). Outside a job every helper is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "barrier",
+    "broadcast_object",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "local_device",
+    "rank",
+    "world_size",
+]
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 outside a job)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 outside a job)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and outside a job): the process that writes files and shows progress."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op outside a job)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` on every rank (picklable objects; returned as is outside a job).
+
+    Example:
+        >>> broadcast_object({1: 16})   # outside a job
+        {1: 16}
+    """
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def local_device() -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_from_env(timeout_s: float = 1800.0) -> bool:
+    """Start the process group when the environment comes from ``torchrun`` (``WORLD_SIZE`` >
+    1 and no group yet): ``nccl`` with CUDA, else ``gloo``. Returns True when a job runs.
+
+    A rank that dies makes the others fail at their next collective after ``timeout_s``
+    seconds at most (torchrun then stops the job) instead of waiting forever.
+    """
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_device())
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def describe() -> dict[str, Any]:
+    """JSON-ready facts about the job for reports (``{"world_size": 1}`` outside one)."""
+    if not is_distributed():
+        return {"world_size": 1}
+    return {"world_size": world_size(), "backend": str(dist.get_backend())}

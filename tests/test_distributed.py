@@ -1,0 +1,94 @@
+"""Under torch.distributed (2 CPU processes, gloo), a search ends with the same widths and the
+same final weights on every rank, and only rank 0 writes files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world: int, folder: str, method: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world
+    )
+    try:
+        import fxconet
+        from fxconet.models import cifar_resnet20
+
+        torch.manual_seed(0)
+        options = {"trials": 2, "epochs_per_trial": 2} if method == "conet" else {}
+        result = fxconet.optimize_channels(
+            cifar_resnet20(in_channels=1),
+            data="digits",
+            method=method,
+            epochs=1,
+            max_batches_per_epoch=3,
+            batch_size=32,
+            progress=False,
+            out=Path(folder) / "out",
+            **options,
+        )
+        # the built-in loop itself: each rank sees its own shard, the weights stay equal
+        from fxconet.train import TrainConfig, train
+
+        torch.manual_seed(1)
+        net = cifar_resnet20(in_channels=1)
+        seen: list[torch.Tensor] = []
+        net.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+        train(net, "digits", TrainConfig(epochs=1, batch_size=32, max_batches_per_epoch=2),
+              progress=False)  # fmt: skip
+        torch.save(
+            {
+                "widths": result.widths,
+                "state": result.model.state_dict(),
+                "seen": seen,
+                "probe": net.state_dict(),
+            },
+            Path(folder) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["conet"])
+def test_two_ranks_end_with_the_same_widths_and_weights(tmp_path, method):
+    mp.spawn(_worker, args=(2, str(tmp_path), method), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["widths"] == b["widths"]
+    assert a["state"].keys() == b["state"].keys()
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    # the loop: half of the global batch each, different examples, equal weights after
+    assert [x.shape[0] for x in a["seen"]] == [16, 16] == [x.shape[0] for x in b["seen"]]
+    assert not torch.equal(a["seen"][0], b["seen"][0])
+    assert all(torch.equal(a["probe"][k], b["probe"][k]) for k in a["probe"])
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["widths"] == {str(k): v for k, v in a["widths"].items()}
+    assert len(list(out.glob("trial_*.json"))) == len(report["history"]) == 2
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_a_clear_error(monkeypatch):
+    from fxconet import distributed
+    from fxconet.errors import DataError
+    from fxconet.train import TrainConfig, _sharded_loader
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(DataError, match="does not split over 2 processes"):
+        _sharded_loader("digits", TrainConfig(batch_size=33))
+
+
+def test_outside_a_job_the_helpers_change_nothing():
+    from fxconet import distributed
+
+    assert not distributed.is_distributed() and distributed.is_main()
+    assert distributed.world_size() == 1 and distributed.rank() == 0
+    assert distributed.broadcast_object({1: 16}) == {1: 16}
+    assert distributed.init_from_env() is False  # no torchrun environment here
