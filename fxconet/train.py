@@ -575,7 +575,7 @@ def _sharded_loader(data: Any, config: TrainConfig) -> tuple[DataLoader, Any]:
             f"batch_size={config.batch_size} does not split over {world} processes: use a "
             f"multiple of {world} (each process takes batch_size / {world} examples a step)"
         )
-    sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed)
+    sampler: DistributedSampler[Any] = DistributedSampler(dataset, shuffle=True, seed=config.seed)
     loader = DataLoader(
         dataset,
         batch_size=config.batch_size // world,
