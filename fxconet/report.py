@@ -78,6 +78,7 @@ def plot_history(report: Mapping[str, Any], out: str | os.PathLike[str]) -> list
     * ``widths.png``: each channel group's width after every trial (CONet) or epoch (APS),
       ending with the final widths (after the budget's projection);
     * ``ranks.png``: each group's rank across the epochs of every trial (CONet);
+    * ``greedy_path.png``: the held-out loss against the MACs after every greedy step;
     * ``accuracy_params.png``: the validation accuracy of every trial against its parameters,
       and the test accuracy of the model as given and of the final model.
     """
@@ -133,6 +134,8 @@ def plot_history(report: Mapping[str, Any], out: str | os.PathLike[str]) -> list
         ax.grid(alpha=0.3)
         _legend_outside(ax, len(gids))
         written.append(_save(fig, out / "ranks.png"))
+    if history and "loss_before" in history[0] and report.get("macs_before"):
+        written.append(_greedy_path(report, history, out))
     trials = [
         (r["params"], r["val_accuracy"], r["trial"])
         for r in history
@@ -140,14 +143,19 @@ def plot_history(report: Mapping[str, Any], out: str | os.PathLike[str]) -> list
     ]
     final, start = report.get("accuracy"), report.get("baseline_accuracy")
     if trials or final is not None:
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
         if trials:
+            fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+            panels: tuple[Any, ...] = (left, right)
+        else:  # a one-shot method: nothing was measured during the search
+            fig, right = plt.subplots(figsize=(5.5, 4))
+            left, panels = None, (right,)
+        if left is not None:
             left.scatter([t[0] for t in trials], [t[1] for t in trials], color="C0", zorder=3)
             for p, a, t in trials:
                 left.annotate(str(t), (p, a), textcoords="offset points", xytext=(4, 4),
                               fontsize=7)  # fmt: skip
-        left.set(xlabel="parameters", ylabel="validation accuracy",
-                 title=f"During the search (numbers: the {step})")  # fmt: skip
+            left.set(xlabel="parameters", ylabel="validation accuracy",
+                     title=f"During the search (numbers: the {step})")  # fmt: skip
         for ax_, (params, acc, name, color, marker) in (
             (right, (report.get("params_before"), start, "model as given", "C2", "D")),
             (right, (report.get("params_after"), final, "final model", "C3", "o")),
@@ -158,7 +166,7 @@ def plot_history(report: Mapping[str, Any], out: str | os.PathLike[str]) -> list
         right.set(xlabel="parameters", ylabel="test accuracy", title="Before and after")
         if final is not None or start is not None:
             right.legend(fontsize=8)
-        for ax_ in (left, right):
+        for ax_ in panels:
             ax_.set_xscale("log")
             ax_.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax_.xaxis.set_major_formatter(EngFormatter())
@@ -166,6 +174,31 @@ def plot_history(report: Mapping[str, Any], out: str | os.PathLike[str]) -> list
             ax_.grid(alpha=0.3)
         written.append(_save(fig, out / "accuracy_params.png"))
     return written
+
+
+def _greedy_path(
+    report: Mapping[str, Any], history: Sequence[Mapping[str, Any]], out: Path
+) -> Path:
+    """``greedy_path.png``: the held-out loss against the MACs along the greedy slimming, with
+    the budget, so a user sees what the last steps cost."""
+    import matplotlib.pyplot as plt
+
+    before = report["macs_before"]
+    xs = [100.0] + [100.0 * r["macs"] / before for r in history]
+    ys = [history[0]["loss_before"]] + [r["loss"] for r in history]
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    ax.plot(xs, ys, marker=".", linewidth=1, color="C0", label="after each step")
+    target = (report.get("budget") or {}).get("targets", {}).get("macs")
+    if target:
+        ax.axvline(100.0 * target / before, color="C3", linestyle="--", linewidth=1,
+                   label=f"budget: {100.0 * target / before:.0f}% of the MACs")  # fmt: skip
+    ax.invert_xaxis()
+    ax.set(xlabel="MACs (% of the model as given)",
+           ylabel="held-out loss (BatchNorm recalibrated)",
+           title="Greedy slimming: one group narrower per step")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "greedy_path.png")
 
 
 def _save(fig: Any, path: Path) -> Path:
