@@ -298,6 +298,16 @@ def _build_parser(
     )
     opt.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available)")
     opt.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="mixed precision of the training: bf16 (CPU or GPU) or fp16 (CUDA, with a "
+        "gradient scaler); default fp32",
+    )
+    opt.add_argument(
+        "--channels-last", action="store_true", help="train in the channels_last memory format"
+    )
+    opt.add_argument(
         "--out", type=Path, help="output folder (default: runs/<model>-<data>-<method>)"
     )
     opt.add_argument("--resume", action="store_true", help="continue a killed search in --out")
@@ -381,6 +391,8 @@ def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> in
         "batch_size": args.batch_size,
         "device": args.device,
         "max_batches_per_epoch": args.max_batches,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
         "data_dir": args.data_dir,
         "target_macs": args.target_macs,
         "target_params": args.target_params,

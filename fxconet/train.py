@@ -33,6 +33,7 @@ from fxconet.errors import DataError
 from fxconet.passes.module_copy import evaluating
 
 __all__ = [
+    "PRECISIONS",
     "SCHEDULES",
     "EpochCallback",
     "EvalResult",
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("step", "cosine", "constant", "adas")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 EpochCallback = Callable[[int, nn.Module], None]
 """``on_epoch_end(epoch, model)``: called after each epoch's last optimiser step, epochs from 0."""
@@ -138,6 +140,11 @@ class TrainConfig:
             all); for quick tests and demos. Validation and test data are still evaluated in
             full.
         num_workers: DataLoader workers when the loop builds the DataLoader itself.
+        precision: ``"fp32"``; ``"bf16"`` (autocast to bfloat16, on the CPU or a GPU) or
+            ``"fp16"`` (autocast to float16 with a gradient scaler, CUDA only): mixed precision
+            for the forward pass and loss, the weights and the optimiser stay float32.
+        channels_last: train in the ``channels_last`` memory format (faster convs on recent
+            GPUs with mixed precision); the model is returned in it.
 
     Example:
         >>> TrainConfig(epochs=3, schedule="step", step_size=1).lr
@@ -159,6 +166,8 @@ class TrainConfig:
     device: str | torch.device | None = None
     max_batches_per_epoch: int | None = None
     num_workers: int = 0
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -179,6 +188,7 @@ class TrainConfig:
                 "must be None or >= 1",
             ),
             ("num_workers", self.num_workers >= 0, "must be >= 0"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -477,7 +487,16 @@ def train(
     val_loader = None
     if val_data is not None:
         val_loader = as_loader(val_data, batch_size=256, split="test", seed=config.seed)
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"TrainConfig.precision='fp16' needs a CUDA device (training on {device}); use "
+            "'bf16' on the CPU"
+        )
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     net: nn.Module = model
     if sharded:  # every rank steps with the averaged gradient: the weights stay equal
         net = nn.parallel.DistributedDataParallel(
@@ -519,12 +538,22 @@ def train(
             )
             for x, y in bar:
                 x = x.to(device, non_blocking=True)
+                if config.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
-                logits = net(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+                ):
+                    logits = net(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
                 loss_sum += loss.detach() * y.shape[0]
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += y.shape[0]

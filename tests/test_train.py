@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 from fxconet.cost import count_macs, count_params
 from fxconet.data import load_dataset, make_loader
 from fxconet.errors import DataError
+from fxconet.models import cifar_resnet20
 from fxconet.train import (
     EvalResult,
     TrainConfig,
@@ -407,3 +408,21 @@ def test_evaluate_and_count_macs_keep_every_submodules_mode():
     evaluate(model, data)
     count_macs(model, torch.randn(1, 1, 8, 8))
     assert model.training and model.conv.training and not model.bn.training
+
+
+def test_mixed_precision_and_channels_last_train_and_fp16_needs_cuda():
+    torch.manual_seed(0)
+    net = cifar_resnet20(in_channels=1)
+    cfg = TrainConfig(epochs=1, max_batches_per_epoch=3, batch_size=32, precision="bf16",
+                      channels_last=True)  # fmt: skip
+    history = train(net, "digits", cfg, progress=False)
+    assert math.isfinite(history.train_loss[0])
+    conv = net.conv1.weight
+    assert conv.dtype == torch.float32  # the weights stay float32
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            train(net, "digits", TrainConfig(epochs=1, precision="fp16", device="cpu"),
+                  progress=False)  # fmt: skip
