@@ -28,7 +28,8 @@ For each seed ``s`` (paired: every method of a seed starts from the same trained
    * ``greedy``: fxconet's greedy slimming (``method="greedy"``): from the trained network,
      shrink one channel group at a time where the validation loss (after BatchNorm
      recalibration) rises least per MAC saved, until the budget is met; scored on the 10% of
-     the training images held out of the search;
+     the training images held out of the search (``greedy-q``: the same with
+     ``min_fraction=0.25``, no group below a quarter of its width);
    * ``aps``: APS with transitionary sharing (``--aps-warmup`` warm-up and ``--aps-search``
      search epochs on 90% of the training images, the other 10% for the rewards), aimed at the
      budget (its reward's FLOPs target and its final pick).
@@ -75,7 +76,7 @@ from fxconet.models import cifar_resnet20
 from fxconet.train import TrainConfig, evaluate, select_device, train
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("uniform", "random", "tp-l2", "static", "conet", "aps", "greedy")
+METHODS = ("uniform", "random", "tp-l2", "static", "conet", "aps", "greedy", "greedy-q")
 SHAPE = (1, 28, 28)
 
 
@@ -174,13 +175,15 @@ def run_fxconet(
         options["resume"] = any(Path(options["out"]).glob("trial_*.json"))
     elif method == "aps":
         options = {"warmup_epochs": args.aps_warmup, "search_epochs": args.aps_search}
+    elif method == "greedy-q":  # no group below a quarter of its width
+        options = {"min_fraction": 0.25}
     started = time.perf_counter()
     result = fxconet.optimize_channels(
         model,
         torch.zeros(1, *SHAPE),
         data=train_data,
         test_data=test,
-        method=method,
+        method=method.partition("-")[0],
         target_macs=budget,
         init="inherit",
         epochs=args.finetune_epochs,

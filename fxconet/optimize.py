@@ -97,7 +97,7 @@ class OptimizeResult:
         model: the resized (and, with ``epochs > 0``, trained) GraphModule.
         widths: the chosen width of every free group, by id.
         graph: the original model's channel graph (ids, producers, frozen reasons).
-        method: ``"conet"``, ``"static"``, ``"uniform"`` or ``"aps"``.
+        method: the method's name (a key of :data:`fxconet.strategies.METHODS`).
         params_before, params_after, macs_before, macs_after: model sizes (MACs of one image).
         history: one dict per search trial (widths, slopes, conditions, ranks, accuracies).
         accuracy: test accuracy of the final model (``None`` without final training or test
@@ -198,7 +198,8 @@ def optimize_channels(
             see :mod:`fxconet.data`). The search uses the training split only.
         method: ``"conet"`` (CONet Alg. 2), ``"static"`` (CONet Eq. 4 from the model's trained
             weights), ``"uniform"`` (every width times one factor), ``"random"`` (a random
-            factor per group) or ``"aps"`` (affine parameter sharing search,
+            factor per group), ``"greedy"`` (greedy slimming of a trained model onto the
+            budget, :mod:`fxconet.strategies.greedy`) or ``"aps"`` (affine parameter sharing search,
             :mod:`fxconet.strategies.aps`). Default (:func:`default_method`): ``"uniform"``
             with a budget (no search beat it in ``benchmarks/search.py``), else ``"conet"``
             with data and ``"static"`` without.
