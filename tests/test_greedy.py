@@ -82,7 +82,7 @@ def test_the_group_the_output_ignores_goes_first(planted):
         graph, cost, budget, GreedyConfig(), calib=calib, batches=batches, progress=False
     )
     shrunk = [h["group"] for h in out.history]
-    floor = max(1, round(0.0625 * 16))
+    floor = round(GreedyConfig().min_fraction * 16)
     # branch a shrinks all the way to its floor before branch b loses a channel
     first_b = shrunk.index(gb) if gb in shrunk else len(shrunk)
     assert shrunk[:first_b] == [ga] * first_b
