@@ -7,9 +7,11 @@ and every answer gets the same fine-tuning; the test split is touched only at th
 For each seed ``s`` (paired: every method of a seed starts from the same trained network):
 
 1. ``full``: the CIFAR-style ResNet-20 of :func:`fxconet.models.cifar_resnet20` (widths
-   16/32/64, 1 input channel), initialised with seed ``s`` and trained ``--full-epochs``
-   epochs (SGD, lr 0.1, cosine, batch 128, weight decay 5e-4) on ``--train-size`` Fashion-MNIST
-   training images. This is the starting point of every method and the reference row.
+   16/32/64, 1 input channel; ``--widths`` sets other stage widths, e.g. ``48 48 48`` for a
+   network whose widths nobody tuned, as CONet's searches start), initialised with seed ``s``
+   and trained ``--full-epochs`` epochs (SGD, lr 0.1, cosine, batch 128, weight decay 5e-4) on
+   ``--train-size`` Fashion-MNIST training images. This is the starting point of every method
+   and the reference row.
 2. For every budget (``--budgets``, fractions of the network's MACs) and method:
 
    * ``uniform``: every free width times the one factor that meets the budget (compound
@@ -72,7 +74,7 @@ from torch.utils.data import Subset
 import fxconet
 from fxconet.cost import count_macs, count_params
 from fxconet.data import load_dataset
-from fxconet.models import cifar_resnet20
+from fxconet.models import CifarResNet
 from fxconet.train import TrainConfig, evaluate, select_device, train
 
 HERE = Path(__file__).resolve().parent
@@ -98,6 +100,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conet-epochs", type=int, default=3, help="epochs per CONet trial (3)")
     p.add_argument("--aps-warmup", type=int, default=4, help="APS warm-up epochs (4)")
     p.add_argument("--aps-search", type=int, default=8, help="APS search epochs (8)")
+    p.add_argument("--widths", type=int, nargs=3, default=[16, 32, 64], metavar="W",
+                   help="stage widths of the starting ResNet-20 (16 32 64; e.g. 48 48 48 for a "
+                   "network whose widths nobody tuned)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: CUDA if present)")
     p.add_argument("--runs", type=Path, default=Path("runs/bench-search"),
@@ -127,7 +132,7 @@ def trained_full(
     folder = args.runs / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = cifar_resnet20(in_channels=1)
+    model = CifarResNet([3, 3, 3], list(args.widths), in_channels=1)
     state = folder / "full.pt"
     result = folder / "full.json"
     if state.is_file() and result.is_file():
@@ -399,8 +404,9 @@ def report(args: argparse.Namespace, settings: dict[str, Any]) -> None:
     summary = summarise(rows, macs_full)
     md = args.out.with_suffix(".md")
     _write(args.out, {"settings": settings, "summary": summary, "runs": rows})
+    widths = "/".join(map(str, settings.get("widths", [16, 32, 64])))
     head = (
-        f"ResNet-20 (16/32/64) on Fashion-MNIST: {settings['train_size']} training images, "
+        f"ResNet-20 ({widths}) on Fashion-MNIST: {settings['train_size']} training images, "
         f"{settings['test_size']} test images; full network {settings['full_epochs']} epochs "
         f"from scratch; every pruned network fine-tuned {settings['finetune_epochs']} epochs "
         f"(lr {settings['finetune_lr']}, cosine) from the seed's trained full network; CONet "

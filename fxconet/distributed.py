@@ -19,7 +19,9 @@ What keeps the ranks together:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -29,6 +31,7 @@ import torch.distributed as dist
 __all__ = [
     "barrier",
     "broadcast_object",
+    "collectives",
     "init_from_env",
     "is_distributed",
     "is_main",
@@ -60,10 +63,55 @@ def is_main() -> bool:
     return rank() == 0
 
 
+#: words of the errors the gloo and NCCL backends raise when a peer is gone (some raise a plain
+#: RuntimeError rather than a torch.distributed.DistError)
+_PEER_LOST = ("gloo", "nccl", "connection reset", "connection closed", "connection refused",
+              "broken pipe")  # fmt: skip
+
+
+def _peer_lost(e: BaseException) -> bool:
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in _PEER_LOST)
+
+
+@contextlib.contextmanager
+def collectives(what: str | Callable[[], str]) -> Iterator[None]:
+    """Turn a failed collective inside the block into a :class:`~fxconet.errors.DistributedError`
+    that says which rank saw it, during what, and where to look (the other ranks' output).
+
+    Without this a rank whose peer died ends in the backend's raw message (gloo: "Read error
+    ... Connection reset by peer"). ``what`` may be a function, asked when the error happens
+    (e.g. for the epoch and step). Outside a job the block runs as is.
+
+    Example:
+        >>> with collectives("the search's training"):
+        ...     pass
+    """
+    if not is_distributed():
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        if not _peer_lost(e):
+            raise
+        from fxconet.errors import DistributedError, first_line
+
+        raise DistributedError(
+            f"rank {rank()} of {world_size()}: a collective failed during "
+            f"{what() if callable(what) else what}; another rank "
+            f"probably stopped (its output names the cause) or the network between the ranks "
+            f"broke. Backend: {first_line(e)[:300]}"
+        ) from e
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op outside a job)."""
     if is_distributed():
-        dist.barrier()
+        with collectives("a barrier"):
+            dist.barrier()
 
 
 def broadcast_object(value: T) -> T:
@@ -76,7 +124,8 @@ def broadcast_object(value: T) -> T:
     if not is_distributed():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with collectives("a broadcast of rank 0's decision"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -92,8 +141,10 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
     """Start the process group when the environment comes from ``torchrun`` (``WORLD_SIZE`` >
     1 and no group yet): ``nccl`` with CUDA, else ``gloo``. Returns True when a job runs.
 
-    A rank that dies makes the others fail at their next collective after ``timeout_s``
-    seconds at most (torchrun then stops the job) instead of waiting forever.
+    A rank that dies makes the others fail at their next collective (at once where its socket
+    closes, after ``timeout_s`` seconds at most otherwise) with a
+    :class:`~fxconet.errors.DistributedError` naming the rank and the step (see
+    :func:`collectives`); torchrun then stops the job instead of waiting forever.
     """
     if is_distributed():
         return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ChannelError",
     "DataError",
+    "DistributedError",
     "ExportError",
     "FxconetError",
     "MetricsError",
@@ -89,6 +90,11 @@ class ModelError(FxconetError, ValueError):
 
 class SearchError(FxconetError, RuntimeError):
     """A search cannot start or resume (bad checkpoint folder, mismatched model)."""
+
+
+class DistributedError(FxconetError, RuntimeError):
+    """A collective of a ``torch.distributed`` job failed: another rank stopped (its output has
+    the cause) or the network between the ranks broke."""
 
 
 class ExportError(FxconetError, RuntimeError):

@@ -460,6 +460,8 @@ def train(
 
     Raises:
         DataError: the data cannot be loaded or yields no batch.
+        DistributedError: under torch.distributed, a collective failed (another rank stopped);
+            the message names this rank, the epoch and the step.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
@@ -511,10 +513,15 @@ def train(
     except TypeError:  # an iterable-style dataset without __len__
         total = limit
     record: dict[str, list[float]] = {k: [] for k in TrainHistory.__dataclass_fields__}
+    at = {"epoch": 0, "step": 0}  # where a failed collective happened (under torchrun)
 
-    with torch.random.fork_rng(devices=_rng_devices(device)):
+    def where() -> str:
+        return f"training, epoch {at['epoch'] + 1} of {config.epochs}, step {at['step']}"
+
+    with distributed.collectives(where), torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(config.seed)
         for epoch in range(config.epochs):
+            at.update(epoch=epoch, step=0)
             start = time.perf_counter()
             record["lr"].append(
                 float(np.mean([g["lr"] for g in optimizer.param_groups]))
@@ -537,6 +544,7 @@ def train(
                 disable=None if progress else True,
             )
             for x, y in bar:
+                at["step"] += 1
                 x = x.to(device, non_blocking=True)
                 if config.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -583,7 +591,7 @@ def train(
                 record["val_accuracy"].append(result.accuracy)
             record["seconds"].append(time.perf_counter() - start)
     if sharded:  # the last step's BatchNorm statistics are each rank's own: take rank 0's
-        with torch.no_grad():
+        with distributed.collectives("the broadcast of BatchNorm statistics"), torch.no_grad():
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
     return TrainHistory(**{k: tuple(v) for k, v in record.items()})

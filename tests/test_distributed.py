@@ -92,3 +92,50 @@ def test_outside_a_job_the_helpers_change_nothing():
     assert distributed.world_size() == 1 and distributed.rank() == 0
     assert distributed.broadcast_object({1: 16}) == {1: 16}
     assert distributed.init_from_env() is False  # no torchrun environment here
+
+
+def _dying_worker(rank: int, folder: str) -> None:
+    """Rank 1 dies (a hard exit, no cleanup) in its third training step; rank 0 records what
+    it ends with."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2
+    )
+    from fxconet.models import cifar_resnet20
+    from fxconet.train import TrainConfig, train
+
+    net = cifar_resnet20(in_channels=1)
+    calls = [0]
+
+    def die(module, args):
+        calls[0] += 1
+        if rank == 1 and calls[0] == 3:
+            os._exit(3)
+
+    net.register_forward_pre_hook(die)
+    try:
+        train(net, "digits", TrainConfig(epochs=1, batch_size=32, max_batches_per_epoch=20),
+              progress=False)  # fmt: skip
+        outcome = "finished"
+    except Exception as e:  # what the surviving rank's user sees
+        outcome = f"{type(e).__name__}: {e}"
+    Path(folder, f"outcome{rank}.txt").write_text(outcome)
+
+
+def test_a_rank_that_dies_ends_the_others_with_a_clear_error(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_dying_worker, args=(r, str(tmp_path))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)  # a guard against a hang, not a speed target
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert alive == [False, False], "a rank still waits for its dead peer"
+    assert procs[1].exitcode == 3
+    outcome = (tmp_path / "outcome0.txt").read_text()
+    assert outcome.startswith("DistributedError: rank 0 of 2: a collective failed during "
+                              "training, epoch 1 of 1, step 3")  # fmt: skip
+    assert "another rank probably stopped" in outcome
