@@ -40,6 +40,7 @@ from fxconet.passes.solve_channels import solution_of, solve_channels
 from fxconet.passes.trace import (
     grad_mode_notes,
     hook_notes,
+    hooked_modules,
     trace_model,
     trace_with_fallback,
 )
@@ -67,6 +68,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 _OPAQUE = ("auto", False)
+_HOOKS = ("freeze", "resize")
 
 
 def analyze(
@@ -78,6 +80,7 @@ def analyze(
     freeze: Iterable[type | str] = (),
     probe: bool | str = "auto",
     opaque: bool | str = "auto",
+    hooks: str = "freeze",
 ) -> ChannelGraph:
     """Find the independent channel groups of ``model``.
 
@@ -112,6 +115,16 @@ def analyze(
             (when the graph computes sizes at run time), True or False.
         opaque: ``"auto"`` (the fallback above) or False (raise :class:`TraceError` at the
             first code that cannot be traced).
+        hooks: what to do with submodules that carry forward or backward hooks (the model's
+            own hooks are refused either way). ``"freeze"`` (the default): each is kept as
+            one opaque op (so its hooks run in the resized model, which ``torch.fx`` would
+            otherwise trace through and drop) and its input and output widths are frozen
+            (so the hooks see the widths they were written for). ``"resize"``: hooked
+            layers are resized and keep their hooks, which then see the new widths unchecked;
+            hooks of modules that ``torch.fx`` traces through (blocks, containers) run once
+            while tracing, on proxies (their tensor ops are inlined into the graph, their
+            side effects do not happen in the resized GraphModule). A note names the hooked
+            modules either way.
 
     Returns:
         The :class:`~fxconet.ir.ChannelGraph`; ``print`` it for a table of groups.
@@ -128,7 +141,9 @@ def analyze(
     """
     if opaque not in _OPAQUE or opaque is True:
         raise ValueError(f"opaque must be 'auto' or False, got {opaque!r}")
-    options = _Options(tuple(leaf_modules), concrete_args, tuple(freeze), probe)
+    if hooks not in _HOOKS:
+        raise ValueError(f"hooks must be one of {_HOOKS}, got {hooks!r}")
+    options = _Options(tuple(leaf_modules), concrete_args, tuple(freeze), probe, hooks)
     with _gc_paused():
         if opaque == "auto":
             graph = _analyze_auto(model, example_inputs, options)
@@ -145,6 +160,7 @@ class _Options:
     concrete_args: Mapping[str, Any] | None
     freeze: tuple[type | str, ...]
     probe: bool | str
+    hooks: str = "freeze"
 
     def under(self, path: str) -> _Options | None:
         """The options of the submodule at ``path`` (paths made relative to it), or None when
@@ -160,13 +176,17 @@ class _Options:
                     return None
                 elif item.startswith(path + "."):
                     rel[k].append(item[len(path) + 1 :])
-        return _Options(tuple(rel[0]), None, tuple(rel[1]), self.probe)
+        return _Options(tuple(rel[0]), None, tuple(rel[1]), self.probe, self.hooks)
 
 
 def _analyze_traced(
     model: nn.Module, example_inputs: Any, options: _Options, *, fallback: bool
 ) -> tuple[ChannelGraph, tuple[tuple[str, str], ...]]:
     """The analysis of one traced module, and the submodules the trace kept opaque."""
+    hooked = hooked_modules(model)
+    kept = tuple(hooked) if options.hooks == "freeze" else ()
+    if kept:  # called whole (a leaf), so their hooks stay in the graph and run
+        options = dataclasses.replace(options, leaf_modules=options.leaf_modules + kept)
     if fallback:
         traced, opaque = trace_with_fallback(
             model,
@@ -184,13 +204,15 @@ def _analyze_traced(
         )
     args, kwargs = normalize_inputs(example_inputs)
     propagate_shapes(traced, args, kwargs)
-    graph, solution = solve_channels(traced, freeze=options.freeze, name=type(model).__name__)
+    graph, solution = solve_channels(
+        traced, freeze=options.freeze, hooked=kept, name=type(model).__name__
+    )
     opaque_notes = [
         f"module `{path}` ({type(traced.module(path)).__name__}) is opaque (its input and "
         f"output widths are frozen): it cannot be traced: {reason}"
         for path, reason in opaque
     ]
-    extra = grad_mode_notes(traced) + hook_notes(traced)
+    extra = grad_mode_notes(traced) + hook_notes(traced, hooked, options.hooks)
     if opaque_notes or extra:
         solution.notes[:] = [*opaque_notes, *solution.notes, *extra]
         graph = dataclasses.replace(graph, notes=tuple(solution.notes))
@@ -335,6 +357,7 @@ def resize(
     freeze: Iterable[type | str] = (),
     max_bytes: int | None | str = "auto",
     opaque: bool | str = "auto",
+    hooks: str = "freeze",
 ) -> nn.Module:
     """Re-emit ``model`` with new channel widths, as a runnable ``torch.fx.GraphModule``.
 
@@ -351,7 +374,7 @@ def resize(
         init: ``"inherit"`` (keep the largest-norm channels; new channels preserve the
             function, see :mod:`fxconet.passes.resize_layers`) or ``"reset"`` (fresh default
             initialisation of every layer).
-        leaf_modules, concrete_args, freeze, opaque: as for :func:`analyze`.
+        leaf_modules, concrete_args, freeze, opaque, hooks: as for :func:`analyze`.
         max_bytes: refuse a resize whose parameters would take more memory than this
             (counted from the IR before anything is allocated): ``"auto"`` is half this
             machine's physical memory, None no limit.
@@ -387,6 +410,7 @@ def resize(
             concrete_args=concrete_args,
             freeze=freeze,
             opaque=opaque,
+            hooks=hooks,
         )
     check_memory(graph, widths, max_bytes)
     composite = composite_of(graph)

@@ -48,7 +48,7 @@ __all__ = [
 COMMON_OPTIONS = frozenset(
     {
         "out", "resume", "seed", "progress", "epochs", "init", "train_config", "train_fn",
-        "test_data", "val_fraction", "leaf_modules", "concrete_args", "freeze", "opaque",
+        "test_data", "val_fraction", "leaf_modules", "concrete_args", "freeze", "opaque", "hooks",
         "data_dir", "augment", "log", "target_macs", "target_params", "budget_tolerance",
         "overwrite", "baseline",
     }
@@ -225,7 +225,7 @@ def optimize_channels(
         baseline (True): with test data, evaluate the model as given first (the table's
             "before" accuracy; one pass over the test data).
         val_fraction (0.1): held-out part of the training data for per-trial validation.
-        data_dir, augment: for named datasets. leaf_modules, concrete_args, freeze, opaque:
+        data_dir, augment: for named datasets. leaf_modules, concrete_args, freeze, opaque, hooks:
             as for :func:`analyze` (a model analysed as a composite of opaque code and traced
             parts is refused: the methods search and train one traced graph).
         target_macs, target_params: the final model's size: a float is a fraction of the
@@ -304,6 +304,7 @@ def optimize_channels(
         concrete_args=options.get("concrete_args"),
         freeze=options.get("freeze", ()),
         opaque=options.get("opaque", "auto"),
+        hooks=options.get("hooks", "freeze"),
     )
     composite = composite_of(graph)
     if composite is not None:

@@ -391,8 +391,9 @@ def freeze_dims(slots: Slots, dims: Any, reason: str) -> None:
 
 
 class _Solver:
-    def __init__(self, traced: Traced, freeze: Iterable[Any]) -> None:
+    def __init__(self, traced: Traced, freeze: Iterable[Any], hooked: Iterable[str] = ()) -> None:
         self.traced = traced
+        self.hooked = frozenset(hooked)
         self.slots = Slots()
         self.dims: dict[str, Any] = {}
         self.params: dict[int, ParamRecord] = {}
@@ -520,8 +521,9 @@ class _Solver:
             out = rule(ctx)
             if rule.update is not None and ctx.path is not None and ctx.path in self.layers:
                 self.layers[ctx.path].update = rule.update
-        if module is not None and self._user_frozen(str(node.target), module):
-            reason = f"frozen by the user (freeze= names `{node.target}`)"
+        frozen = None if module is None else self._frozen_reason(str(node.target), module)
+        if module is not None and frozen is not None:
+            reason = frozen
             for a in ctx.tensor_args():
                 ctx.freeze_dims(ctx.dims(a), reason)
             ctx.freeze_dims(out, reason)
@@ -531,12 +533,19 @@ class _Solver:
         self.dims[node.name] = out
         self.kinds[node.name] = "conv" if ctx.is_conv else "non-conv"
 
-    def _user_frozen(self, path: str, module: nn.Module) -> bool:
-        if path in self.freeze_paths:
-            return True
-        if any(path.startswith(p + ".") for p in self.freeze_paths):
-            return True
-        return bool(self.freeze_types) and isinstance(module, self.freeze_types)
+    def _frozen_reason(self, path: str, module: nn.Module) -> str | None:
+        """Why the user's settings freeze the module called at ``path``, or None."""
+        if path in self.hooked:
+            return (
+                f"`{path}` has hooks: kept as written so they see the widths they expect "
+                "(hooks='resize' resizes it)"
+            )
+        frozen = (
+            path in self.freeze_paths
+            or any(path.startswith(p + ".") for p in self.freeze_paths)
+            or (bool(self.freeze_types) and isinstance(module, self.freeze_types))
+        )
+        return f"frozen by the user (freeze= names `{path}`)" if frozen else None
 
 
 def _has_tensor(value: Any) -> bool:
@@ -580,6 +589,7 @@ def solve_channels(
     traced: Traced,
     *,
     freeze: Iterable[Any] = (),
+    hooked: Iterable[str] = (),
     name: str | None = None,
 ) -> tuple[ChannelGraph, Solution]:
     """Solve the channel constraints of a shape-annotated trace.
@@ -588,6 +598,7 @@ def solve_channels(
         traced: output of :func:`fxconet.passes.trace.trace_model` after
             :func:`~fxconet.passes.shape_prop.propagate_shapes`.
         freeze: module paths or types whose input and output widths must not change.
+        hooked: paths of modules frozen because they carry hooks (``analyze(hooks="freeze")``).
         name: model name for the IR.
 
     Returns:
@@ -597,7 +608,7 @@ def solve_channels(
         >>> traced = trace_model(model); propagate_shapes(traced, (x,))
         >>> graph, solution = solve_channels(traced)
     """
-    solver = _Solver(traced, freeze)
+    solver = _Solver(traced, freeze, hooked)
     solver.run()
     solution = Solution(
         traced=traced,

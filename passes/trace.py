@@ -614,22 +614,50 @@ def grad_mode_notes(traced: Traced) -> list[str]:
     return notes
 
 
-def hook_notes(traced: Traced) -> list[str]:
-    """A note for every submodule with forward hooks: they are copied into the resized model,
-    where they see the new widths; fxconet cannot check that they accept them."""
-    hooked = [
-        path
-        for path, mod in traced.root.named_modules()
-        if path and (mod._forward_hooks or mod._forward_pre_hooks)
-    ]
+def hooked_modules(model: nn.Module) -> list[str]:
+    """Paths of the submodules of ``model`` (not the model itself) with forward, forward-pre
+    or backward hooks, outermost first; modules inside a hooked one are left out (they are
+    kept whole with it)."""
+    out: list[str] = []
+    for path, mod in model.named_modules():
+        if not path or any(path.startswith(p + ".") for p in out):
+            continue
+        if (
+            mod._forward_hooks
+            or mod._forward_pre_hooks
+            or mod._backward_hooks
+            or getattr(mod, "_backward_pre_hooks", None)
+        ):
+            out.append(path)
+    return out
+
+
+def hook_notes(traced: Traced, hooked: list[str], mode: str) -> list[str]:
+    """A note naming the submodules with hooks and what ``analyze(hooks=mode)`` did with them."""
     if not hooked:
         return []
     shown = ", ".join(f"`{p}`" for p in hooked[:4]) + (" ..." if len(hooked) > 4 else "")
-    return [
-        f"{len(hooked)} module(s) have forward hooks ({shown}): the resized model keeps them "
-        "and they will see the new widths, which fxconet cannot check; freeze=[...] those "
-        "modules if a hook assumes its widths"
-    ]
+    if mode == "freeze":
+        return [
+            f"{len(hooked)} module(s) have hooks ({shown}): each is kept as written, called as "
+            "one op with its input and output widths frozen, so its hooks run in the resized "
+            "model and see the widths they expect; hooks='resize' resizes them instead"
+        ]
+    leaves = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
+    through = [p for p in hooked if p not in leaves]
+    note = (
+        f"{len(hooked)} module(s) have hooks ({shown}), resized as hooks='resize' asks: "
+        "hooked layers keep their hooks, which see the new widths (fxconet cannot check them)"
+    )
+    if through:
+        named = ", ".join(f"`{p}`" for p in through[:4]) + (" ..." if len(through) > 4 else "")
+        note += (
+            f"; the hooks of {named} do NOT run in the resized model: torch.fx traces through "
+            "those modules, so their hooks ran once while tracing (their tensor ops are in the "
+            "graph, their Python side effects such as storing outputs are not); "
+            "hooks='freeze' keeps them"
+        )
+    return [note]
 
 
 def trace(

@@ -343,21 +343,71 @@ def test_no_grad_inside_a_traced_forward_warns_naming_the_module_and_the_fix():
     assert gm.frozen.conv.weight.grad is None  # still no gradient inside the block
 
 
-def test_hooks_on_layers_are_kept_and_said():
+def test_hooks_on_layers_are_resized_when_asked_and_said():
     model, x = (
         nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)),
         torch.randn(1, 3, 4, 4),
     )
     seen = []
     model[2].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
-    with pytest.warns(UserWarning, match=r"forward hooks \(`2`\)"):
-        graph = fxconet.analyze(model, x)
+    with pytest.warns(UserWarning, match=r"hooks \(`2`\), resized as hooks='resize' asks"):
+        graph = fxconet.analyze(model, x, hooks="resize")
     (g,) = graph.free
     gm = fxconet.resize(graph, {g.id: 5})
     gm(x)
     assert seen[-1] == 5  # the copied hook ran on the resized model, seeing the new width
     model(x)
     assert seen[-1] == 8  # and the user's own still runs on the user's model
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.relu(self.c1(x)))
+
+
+def _hooked_net() -> tuple[nn.Module, list[tuple[str, int]]]:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), _Block(), _Block(), nn.Conv2d(8, 4, 1))
+    seen: list[tuple[str, int]] = []
+    net[1].register_forward_hook(lambda m, i, o: seen.append(("block", o.shape[1])))
+    net[2].c1.register_forward_pre_hook(lambda m, i: seen.append(("c1", i[0].shape[1])))
+    return net, seen
+
+
+def test_hooked_modules_are_kept_whole_and_frozen_by_default():
+    net, seen = _hooked_net()
+    x = torch.randn(1, 3, 12, 12)
+    with pytest.warns(UserWarning, match=r"2 module\(s\) have hooks \(`1`, `2.c1`\)"):
+        graph = fxconet.analyze(net, x)
+    frozen = {layer: g.reason for g in graph.groups if not g.free for layer in g.producers}
+    assert "has hooks" in frozen["2.c1"]
+    assert {p for g in graph.free for p in g.producers} == {"2.c2"}  # inside the block: free
+    gm = fxconet.resize(graph, {g.id: 4 for g in graph.free})
+    seen.clear()
+    out = gm(x)
+    # the block's hook runs in the resized model (fx alone would trace through it and drop it),
+    # and both hooks see the widths they were written for
+    assert seen == [("block", 8), ("c1", 8)]
+    assert out.shape == net(x).shape
+    with torch.no_grad():  # same widths: the same function, hooks and all
+        same = fxconet.resize(graph, {g.id: g.size for g in graph.free})
+        torch.testing.assert_close(same(x), net(x))
+
+
+def test_hooks_resize_says_which_hooks_the_resized_model_drops():
+    net, seen = _hooked_net()
+    x = torch.randn(1, 3, 12, 12)
+    with pytest.warns(UserWarning, match=r"the hooks of `1` do NOT run in the resized model"):
+        graph = fxconet.analyze(net, x, hooks="resize")
+    gm = fxconet.resize(graph, {g.id: 4 for g in graph.free})
+    seen.clear()
+    gm(x)
+    assert seen == [("c1", 4)]  # the traced-through block's hook is gone, as the note says
+    with pytest.raises(ValueError, match="hooks must be one of"):
+        fxconet.analyze(net, x, hooks="keep")
 
 
 class PooledBranch(nn.Module):
