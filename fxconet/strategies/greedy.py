@@ -61,7 +61,8 @@ class GreedyConfig:
             one divisor), in (0, 1]. The default 0.25 keeps a residual stream from becoming a
             bottleneck of one or two channels, which the held-out loss before fine-tuning does
             not see: with 1/16, 3 of 5 seeds of ``benchmarks/search.py`` at 10% of the MACs
-            ended 1.4-2.1 pp below uniform scaling (``benchmarks/results/search_greedy.md``).
+            ended 1.4-2.1 pp below uniform scaling (an earlier run, noted in
+            ``benchmarks/results/search_greedy.md``).
         calib_batches: training batches that re-estimate each candidate's BatchNorm statistics
             (0 keeps the inherited statistics).
         eval_batches: held-out batches that score each candidate (>= 1; the validation split,
