@@ -58,16 +58,27 @@ def evaluating(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+#: ``__setstate__`` methods of torch's own modules that only fill in attributes a pickle from an
+#: older torch lacks (a live module has them all): copying the ``__dict__`` is the same copy
+_COMPAT_SETSTATE = (nn.modules.conv._ConvNd.__setstate__,)
+
+
 def copies_itself(cls: type) -> bool:
     """True for a module class that customises how it is copied or pickled (``__reduce_ex__``,
-    ``__copy__``, ``__getstate__``/``__setstate__`` of its own): copy it with :mod:`copy`."""
+    ``__copy__``, ``__getstate__``/``__setstate__`` of its own): copy it with :mod:`copy`.
+    Convs are not counted: their ``__setstate__`` only back-fills ``padding_mode`` for old
+    pickles."""
     custom = _CUSTOM_COPY.get(cls)
     if custom is None:
+        setstate = getattr(cls, "__setstate__", None)
         custom = _CUSTOM_COPY[cls] = (
             cls.__reduce_ex__ is not object.__reduce_ex__
             or hasattr(cls, "__copy__")
             or getattr(cls, "__getstate__", None) is not getattr(nn.Module, "__getstate__", None)
-            or getattr(cls, "__setstate__", None) is not getattr(nn.Module, "__setstate__", None)
+            or (
+                setstate is not getattr(nn.Module, "__setstate__", None)
+                and setstate not in _COMPAT_SETSTATE
+            )
         )
     return custom
 

@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 _INITS = ("inherit", "reset")
+#: marks a block of a layout whose channels all stay where they are
+_UNCHANGED = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,33 +124,46 @@ class ResizePlan:
 
     def _positions(self, layout: Layout) -> np.ndarray:
         slots = self._analysis().slots
-        out: list[np.ndarray] = []
+        blocks = slots.expand(layout)
+        local = self.__dict__.setdefault("_block_memo", {})
+        parts: list[np.ndarray] = []
+        offsets: list[int] = []
+        changed = False
         off = 0
-        run = 0  # length of a pending run of unchanged positions starting at ``off - run``
-        for b in slots.expand(layout):
+        for b in blocks:
             n = slots.size[b.var]
-            size = b.outer * n * b.inner
-            m = self.base.get(b.var)
-            if m is None or len(m) == n:  # plan_resize keeps an unchanged slot as arange(n)
-                run += size  # kept as is: one contiguous range with its neighbours
-                off += size
-                continue
-            if run:
-                out.append(np.arange(off - run, off))
-                run = 0
-            if b.outer == 1 and b.inner == 1:
-                out.append(np.where(m < 0, -1, off + m))
-            else:
-                a = np.arange(b.outer)[:, None, None] * (n * b.inner)
-                c = m[None, :, None]
-                t = np.arange(b.inner)[None, None, :]
-                pos = off + a + c * b.inner + t
-                pos = np.where(np.broadcast_to(c < 0, pos.shape), -1, pos)
-                out.append(pos.reshape(-1))
-            off += size
-        if run:
-            out.append(np.arange(off - run, off))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+            key = (b.var, b.outer, b.inner)
+            pos = local.get(key)
+            if pos is None:
+                pos = local[key] = self._block_positions(n, b.outer, b.inner, self.base.get(b.var))
+            changed = changed or pos is not _UNCHANGED
+            parts.append(pos)
+            offsets.append(off)
+            off += b.outer * n * b.inner
+        if not changed:
+            return np.arange(off)
+        # one concatenation and one offset add for the whole layout (a DenseNet concatenation
+        # has dozens of blocks), instead of a few numpy calls per block
+        full = [
+            np.arange(b.outer * slots.size[b.var] * b.inner) if p is _UNCHANGED else p
+            for p, b in zip(parts, blocks, strict=True)
+        ]
+        cat = np.concatenate(full)
+        shift = np.repeat(np.asarray(offsets, dtype=np.int64), [len(p) for p in full])
+        return np.where(cat < 0, -1, cat + shift)
+
+    @staticmethod
+    def _block_positions(n: int, outer: int, inner: int, m: np.ndarray | None) -> np.ndarray:
+        """Positions of one block relative to its start (``-1`` = new), or ``_UNCHANGED``."""
+        if m is None or len(m) == n:  # plan_resize keeps an unchanged slot as arange(n)
+            return _UNCHANGED
+        if outer == 1 and inner == 1:
+            return m
+        a = np.arange(outer)[:, None, None] * (n * inner)
+        c = m[None, :, None]
+        t = np.arange(inner)[None, None, :]
+        pos = a + c * inner + t
+        return np.where(np.broadcast_to(c < 0, pos.shape), -1, pos).reshape(-1)
 
     def layer_channels(self, path: str) -> dict[str, torch.Tensor]:
         """Kept original indices of a layer's input (``"in"``) and output (``"out"``) channels
