@@ -520,6 +520,8 @@ def detached_copy(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
             continue
         elif type(value) in (dict, OrderedDict) and not value:
             d[key] = type(value)()
+        elif type(value) is set and all(type(v) is str for v in value):
+            d[key] = set(value)  # _non_persistent_buffers_set: names only
         elif key in d and d[key] is not value:  # rebound by shallow_copy (a bound method)
             continue
         else:
@@ -653,7 +655,10 @@ def emit(plan: ResizePlan, *, init: str = "inherit", meta: bool = False) -> torc
     solution = plan.solution
     new_graph, owners = build_resized(plan, init=init, meta=meta)
     gm = torch.fx.GraphModule(owners, new_graph, solution.traced.name)  # compiles its code
-    dead = gm.graph.eliminate_dead_code()
+    dead = False
+    if solution.rewrites or not solution.free_of_dead_code:
+        dead = gm.graph.eliminate_dead_code()
+        solution.free_of_dead_code = not dead and not solution.rewrites
     gm.graph.lint()
     if dead:  # the code changed: compile it again
         gm.delete_all_unused_submodules()

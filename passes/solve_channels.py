@@ -82,6 +82,9 @@ class Solution:
     leaf_of: list[int] = field(default_factory=list)  # group id -> leaf var
     unit: list[int] = field(default_factory=list)  # group id -> channels per base slot
     needs_probe: bool = False
+    # True once a rewrite of this trace found no dead code, where no node is rewritten (the
+    # graph copied for a resize is then the traced one, and dead-code elimination is skipped)
+    free_of_dead_code: bool = False
     example_args: tuple[Any, ...] = ()
     example_kwargs: dict[str, Any] = field(default_factory=dict)
 

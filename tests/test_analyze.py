@@ -1157,3 +1157,26 @@ def test_resized_weights_keep_the_channels_last_layout():
     for name in ("c1", "c2", "stem"):
         assert gm.get_submodule(name).weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x), rtol=0, atol=0)
+
+
+def test_dead_code_is_removed_on_every_resize_and_skipped_only_when_there_is_none():
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            _ = y.mean()  # traced, never used
+            return self.b(y)
+
+    x = torch.randn(1, 3, 8, 8)
+    graph = fxconet.analyze(Unused(), x)
+    for width in (4, 6):  # the second resize must not trust the first's clean bill
+        gm = fxconet.resize(graph, {graph.free[0].id: width})
+        assert not any(n.target == "mean" for n in gm.graph.nodes)
+        assert gm(x).shape == (1, 4, 6, 6)
+    clean = fxconet.analyze(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)), x)
+    for width in (4, 6):
+        gm = fxconet.resize(clean, {clean.free[0].id: width})
+        assert gm.get_submodule("0").out_channels == width and gm(x).shape == (1, 4, 6, 6)
