@@ -13,10 +13,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from fxconet.passes.view import SolutionView, TensorLayout
 __all__ = [
     "LIBRARY_CASES",
     "library_case",
+    "meta_parameters",
     "CheckResult",
     "check_all",
     "check_identity",
@@ -54,7 +56,8 @@ _TORCHVISION_ARGS: dict[str, dict[str, Any]] = {
     "vit_l_32": {"image_size": 32},
     "vit_h_14": {"image_size": 28},
 }
-#: torchvision models of more than 100M parameters (the zoo checks only shrink them, for memory)
+#: torchvision models of more than 100M parameters (the zoo checks them on the meta device: their
+#: float64 copies alone would take GBs; smaller models of each family get the numerical checks)
 TORCHVISION_GIANTS = frozenset(
     {
         "regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "vit_h_14", "vit_l_16", "vit_l_32",
@@ -281,19 +284,62 @@ def _calibrate_norms(model: nn.Module, example_inputs: Any, min_var: float = 1e-
 
 
 def torchvision_case(
-    name: str, *, num_classes: int = 10, batch: int = 2, seed: int = 0
+    name: str, *, num_classes: int = 10, batch: int = 2, seed: int = 0, meta: bool = False
 ) -> tuple[nn.Module, torch.Tensor]:
     """A torchvision classification model (random weights, eval mode) and the smallest input
-    every layer of it accepts (32x32 unless the model needs more): cheap numerical checks."""
+    every layer of it accepts (32x32 unless the model needs more): cheap numerical checks.
+
+    With ``meta=True`` the parameters, buffers and input live on the ``meta`` device (no
+    memory; for shape-level checks of the largest models): each is created on the CPU and
+    moved at once, so at most one layer's weights exist at a time."""
     import torchvision
 
     torch.manual_seed(seed)
     kwargs = _TORCHVISION_ARGS.get(name, {})
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), meta_parameters(meta):
         warnings.simplefilter("ignore")
         model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
     size = kwargs.get("image_size", _TORCHVISION_INPUT.get(name, 32))
-    return model.eval(), torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size)
+    return model.eval(), x.to("meta") if meta else x
+
+
+@contextlib.contextmanager
+def meta_parameters(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, every parameter and buffer a module registers moves to ``meta``.
+
+    Unlike ``with torch.device("meta")`` this lets constructors compute on real tensors
+    (torchvision's RegNets derive their widths with ``torch.pow(...).tolist()``).
+
+    Example:
+        >>> with meta_parameters():
+        ...     conv = nn.Conv2d(3, 8, 3)
+        >>> conv.weight.device.type
+        'meta'
+    """
+    if not enabled:
+        yield
+        return
+    from torch.nn.modules import module as module_mod
+
+    def param(mod: nn.Module, name: str, p: nn.Parameter | None) -> nn.Parameter | None:
+        if p is None or p.device.type == "meta":
+            return None
+        return nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+
+    def buffer(mod: nn.Module, name: str, b: torch.Tensor | None) -> torch.Tensor | None:
+        return None if b is None or b.device.type == "meta" else b.to("meta")
+
+    # the hooks may return a replacement (torch's docs), though the annotations say None
+    handles = [
+        module_mod.register_module_parameter_registration_hook(param),  # type: ignore[arg-type]
+        module_mod.register_module_buffer_registration_hook(buffer),  # type: ignore[arg-type]
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _yolo(cfg: str) -> nn.Module:
