@@ -482,6 +482,12 @@ def kept_channels(gm: torch.fx.GraphModule) -> dict[int, torch.Tensor]:
     """For each group of a resized GraphModule, the original channel index of every new
     channel (``-1`` for channels added by growing).
 
+    Indices count the group's channels as its producers emit them (the output channels of
+    the layers in ``ChannelGroup.producers``, in their order). A consumer that sees the group
+    rearranged (after a channel shuffle, or inside a concatenation with other groups) reads
+    them at other positions: ``gm.meta["fxconet"].layer_channels(path)`` gives each layer's
+    kept input and output positions in its own order.
+
     Example:
         >>> gm = fxconet.resize(model, {1: 32}, x)
         >>> fxconet.kept_channels(gm)[1]   # 32 original indices
