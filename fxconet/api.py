@@ -41,6 +41,7 @@ from fxconet.passes.trace import (
     grad_mode_notes,
     hook_notes,
     hooked_modules,
+    parametrized_modules,
     trace_model,
     trace_with_fallback,
 )
@@ -184,9 +185,16 @@ def _analyze_traced(
 ) -> tuple[ChannelGraph, tuple[tuple[str, str], ...]]:
     """The analysis of one traced module, and the submodules the trace kept opaque."""
     hooked = hooked_modules(model)
-    kept = tuple(hooked) if options.hooks == "freeze" else ()
-    if kept:  # called whole (a leaf), so their hooks stay in the graph and run
-        options = dataclasses.replace(options, leaf_modules=options.leaf_modules + kept)
+    kept = parametrized_modules(model)  # called whole (a leaf), widths frozen, with a reason
+    if options.hooks == "freeze":  # so their hooks stay in the graph and run
+        for path in hooked:
+            if not any(path == k or path.startswith(k + ".") for k in kept):
+                kept[path] = (
+                    f"`{path}` has hooks: kept as written so they see the widths they expect "
+                    "(hooks='resize' resizes it)"
+                )
+    if kept:
+        options = dataclasses.replace(options, leaf_modules=options.leaf_modules + tuple(kept))
     if fallback:
         traced, opaque = trace_with_fallback(
             model,
@@ -205,7 +213,7 @@ def _analyze_traced(
     args, kwargs = normalize_inputs(example_inputs)
     propagate_shapes(traced, args, kwargs)
     graph, solution = solve_channels(
-        traced, freeze=options.freeze, hooked=kept, name=type(model).__name__
+        traced, freeze=options.freeze, kept=kept, name=type(model).__name__
     )
     opaque_notes = [
         f"module `{path}` ({type(traced.module(path)).__name__}) is opaque (its input and "
@@ -213,6 +221,15 @@ def _analyze_traced(
         for path, reason in opaque
     ]
     extra = grad_mode_notes(traced) + hook_notes(traced, hooked, options.hooks)
+    parametrized = [p for p in kept if p not in hooked]
+    if parametrized:
+        shown = ", ".join(f"`{p}`" for p in parametrized[:4])
+        extra.append(
+            f"{len(parametrized)} module(s) have parametrized tensors ({shown}"
+            f"{' ...' if len(parametrized) > 4 else ''}): each is kept as written, called as "
+            "one op with its input and output widths frozen (fxconet does not resize "
+            "parametrized tensors; remove_parametrizations before analyze to resize them)"
+        )
     if opaque_notes or extra:
         solution.notes[:] = [*opaque_notes, *solution.notes, *extra]
         graph = dataclasses.replace(graph, notes=tuple(solution.notes))

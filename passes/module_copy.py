@@ -71,16 +71,23 @@ def copies_itself(cls: type) -> bool:
     custom = _CUSTOM_COPY.get(cls)
     if custom is None:
         setstate = getattr(cls, "__setstate__", None)
+        getstate = getattr(cls, "__getstate__", None)
         custom = _CUSTOM_COPY[cls] = (
             cls.__reduce_ex__ is not object.__reduce_ex__
             or hasattr(cls, "__copy__")
-            or getattr(cls, "__getstate__", None) is not getattr(nn.Module, "__getstate__", None)
+            or (getstate is not getattr(nn.Module, "__getstate__", None) and not _refuses(getstate))
             or (
                 setstate is not getattr(nn.Module, "__setstate__", None)
                 and setstate not in _COMPAT_SETSTATE
             )
         )
     return custom
+
+
+def _refuses(getstate: Any) -> bool:
+    """The ``__getstate__`` that ``torch.nn.utils.parametrize`` gives a parametrized module's
+    class only refuses pickling: its ``__dict__`` copies like any module's."""
+    return getattr(getstate, "__module__", None) == "torch.nn.utils.parametrize"
 
 
 def shallow_copy(m: nn.Module) -> nn.Module:

@@ -524,6 +524,10 @@ def detached_copy(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
             d[key] = set(value)  # _non_persistent_buffers_set: names only
         elif key in d and d[key] is not value:  # rebound by shallow_copy (a bound method)
             continue
+        elif isinstance(value, torch.Tensor) and not value.is_leaf:
+            # a tensor computed from parameters and kept as an attribute (the legacy weight_norm
+            # stores ``weight`` so, recomputed before every call): its value, without history
+            d[key] = value.detach().clone()
         else:
             d[key] = copy.deepcopy(value, memo)
     return new

@@ -9,13 +9,14 @@ leaves of the slot union-find that a width-choosing layer produces are the chann
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fxconet import ops as _ops
 from fxconet.errors import ChannelError
@@ -394,9 +395,11 @@ def freeze_dims(slots: Slots, dims: Any, reason: str) -> None:
 
 
 class _Solver:
-    def __init__(self, traced: Traced, freeze: Iterable[Any], hooked: Iterable[str] = ()) -> None:
+    def __init__(
+        self, traced: Traced, freeze: Iterable[Any], kept: Mapping[str, str] | None = None
+    ) -> None:
         self.traced = traced
-        self.hooked = frozenset(hooked)
+        self.kept = dict(kept or {})
         self.slots = Slots()
         self.dims: dict[str, Any] = {}
         self.params: dict[int, ParamRecord] = {}
@@ -518,6 +521,8 @@ class _Solver:
         module = self.traced.module(str(node.target)) if node.op == "call_module" else None
         ctx = RuleContext(self, node, module)
         rule = _ops.lookup(node, module)
+        if module is not None and parametrize.is_parametrized(module):
+            rule = None  # its weights are computed: called whole, as an opaque op (frozen)
         if rule is None:
             out = ctx.opaque() if _has_tensor(value) or ctx.tensor_args() else None
         else:
@@ -538,11 +543,8 @@ class _Solver:
 
     def _frozen_reason(self, path: str, module: nn.Module) -> str | None:
         """Why the user's settings freeze the module called at ``path``, or None."""
-        if path in self.hooked:
-            return (
-                f"`{path}` has hooks: kept as written so they see the widths they expect "
-                "(hooks='resize' resizes it)"
-            )
+        if path in self.kept:
+            return self.kept[path]
         frozen = (
             path in self.freeze_paths
             or any(path.startswith(p + ".") for p in self.freeze_paths)
@@ -592,7 +594,7 @@ def solve_channels(
     traced: Traced,
     *,
     freeze: Iterable[Any] = (),
-    hooked: Iterable[str] = (),
+    kept: Mapping[str, str] | None = None,
     name: str | None = None,
 ) -> tuple[ChannelGraph, Solution]:
     """Solve the channel constraints of a shape-annotated trace.
@@ -601,7 +603,8 @@ def solve_channels(
         traced: output of :func:`fxconet.passes.trace.trace_model` after
             :func:`~fxconet.passes.shape_prop.propagate_shapes`.
         freeze: module paths or types whose input and output widths must not change.
-        hooked: paths of modules frozen because they carry hooks (``analyze(hooks="freeze")``).
+        kept: paths of modules kept as written (hooked or parametrized), each frozen with the
+            reason given.
         name: model name for the IR.
 
     Returns:
@@ -611,7 +614,7 @@ def solve_channels(
         >>> traced = trace_model(model); propagate_shapes(traced, (x,))
         >>> graph, solution = solve_channels(traced)
     """
-    solver = _Solver(traced, freeze, hooked)
+    solver = _Solver(traced, freeze, kept or {})
     solver.run()
     solution = Solution(
         traced=traced,

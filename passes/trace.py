@@ -417,14 +417,17 @@ def _leaf_spec(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], fr
     return tuple(types), frozenset(paths)
 
 
-def _refuse_unsupported(model: nn.Module) -> None:
+def _refuse_unsupported(model: nn.Module, kept: frozenset[str] = frozenset()) -> None:
     """Refuse what a trace would drop or a resize would break, naming the module and the fix:
-    parametrized layers, the legacy ``weight_norm``/``spectral_norm`` hooks, hooks on the root.
+    a parametrized root, the legacy ``weight_norm``/``spectral_norm`` hooks outside ``kept``
+    (paths called whole, see :func:`parametrized_modules`), hooks on the root.
     """
     from torch.nn.utils import parametrize
 
     name = type(model).__name__
     for path, m in model.named_modules():
+        if path in kept or any(path.startswith(k + ".") for k in kept):
+            continue
         where = f"module `{path}` ({type(m).__name__})" if path else f"the root ({name})"
         if parametrize.is_parametrized(m):
             tensors = sorted(m.parametrizations.keys())  # type: ignore[union-attr, operator]
@@ -442,7 +445,7 @@ def _refuse_unsupported(model: nn.Module) -> None:
                     f"{where} uses the legacy torch.nn.utils.{kind[:-4].lower()}_norm hook "
                     f"({kind}), whose extra weights a resize would leave at the old width. Fix: "
                     f"torch.nn.utils.{fix}(module) before analyze, and apply it again to the "
-                    "resized model"
+                    "resized model, or keep it as written with hooks='freeze'"
                 )
     hooks = [
         what
@@ -478,7 +481,7 @@ def trace_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    _refuse_unsupported(model)
+    _refuse_unsupported(model, frozenset(p for p in leaf_modules if isinstance(p, str) and p))
     paths: dict[str, nn.Module] = {}
     root = structural_copy(model, paths)
     leaf_types, leaf_paths = _leaf_spec(leaf_modules)
@@ -629,6 +632,24 @@ def hooked_modules(model: nn.Module) -> list[str]:
             or getattr(mod, "_backward_pre_hooks", None)
         ):
             out.append(path)
+    return out
+
+
+def parametrized_modules(model: nn.Module) -> dict[str, str]:
+    """Submodules with parametrized tensors (``torch.nn.utils.parametrize``), outermost first,
+    each with the reason fxconet keeps it as written: called as one op, widths frozen."""
+    from torch.nn.utils import parametrize
+
+    out: dict[str, str] = {}
+    for path, mod in model.named_modules():
+        if not path or any(path.startswith(p + ".") for p in out):
+            continue
+        if parametrize.is_parametrized(mod):
+            tensors = sorted(mod.parametrizations.keys())  # type: ignore[union-attr, operator]
+            out[path] = (
+                f"`{path}` has parametrized tensors {tensors} (torch.nn.utils.parametrize): "
+                "kept as written, widths frozen (fxconet does not resize parametrized tensors)"
+            )
     return out
 
 

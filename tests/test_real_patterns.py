@@ -258,22 +258,55 @@ def _small() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
 
 
-@pytest.mark.parametrize(
-    "apply, match",
-    [
-        (lambda m: torch.nn.utils.parametrizations.weight_norm(m[0]), "remove_parametrizations"),
-        (lambda m: torch.nn.utils.parametrizations.spectral_norm(m[0]), "parametrized"),
-        (lambda m: torch.nn.utils.weight_norm(m[0]), r"remove_weight_norm\(module\)"),
-        (lambda m: torch.nn.utils.spectral_norm(m[0]), r"remove_spectral_norm\(module\)"),
-    ],
-    ids=["weight_norm", "spectral_norm", "legacy_weight_norm", "legacy_spectral_norm"],
-)
-def test_reparametrized_layers_are_refused_naming_the_module_and_the_fix(apply, match):
+def _three() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1),
+    )  # fmt: skip
+
+
+REPARAMETRIZE = {
+    "weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m),
+    "spectral_norm": lambda m: torch.nn.utils.parametrizations.spectral_norm(m),
+    "legacy_weight_norm": lambda m: torch.nn.utils.weight_norm(m),
+    "legacy_spectral_norm": lambda m: torch.nn.utils.spectral_norm(m),
+}
+
+
+@pytest.mark.parametrize("kind", list(REPARAMETRIZE))
+def test_reparametrized_layers_are_kept_as_written_and_frozen(kind):
+    torch.manual_seed(0)
+    model = _three().eval()
+    REPARAMETRIZE[kind](model[2])
+    x = torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="parametrized tensors|have hooks"):
+        graph = fxconet.analyze(model, x)
+    assert all("2" not in g.producers + g.consumers for g in graph.free)  # the kept layer
+    (free,) = graph.free  # the group between the last two convs, away from the kept layer
+    assert free.producers == ("4",)
+    with torch.no_grad():
+        reference = model(x)
+        same = fxconet.resize(graph, {free.id: 8})
+        torch.testing.assert_close(same(x), reference)
+        shrunk = fxconet.resize(graph, {free.id: 3})
+        assert shrunk(x).shape == reference.shape
+        assert type(shrunk.get_submodule("2")) is type(model[2])  # the layer as written
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_hooks_resize_still_refuses_the_legacy_norm_hooks():
     model = _small()
-    apply(model)
-    with pytest.raises(fxconet.TraceError, match=match) as info:
-        fxconet.analyze(model, torch.randn(1, 3, 8, 8))
-    assert "module `0` (" in str(info.value)
+    torch.nn.utils.weight_norm(model[0])
+    with pytest.raises(fxconet.TraceError, match=r"remove_weight_norm\(module\)") as info:
+        fxconet.analyze(model, torch.randn(1, 3, 8, 8), hooks="resize")
+    assert "module `0` (" in str(info.value) and "hooks='freeze'" in str(info.value)
+
+
+def test_a_parametrized_root_is_refused_naming_the_fix():
+    conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3))
+    with pytest.raises(fxconet.TraceError, match="remove_parametrizations"):
+        fxconet.analyze(conv, torch.randn(1, 3, 8, 8))
 
 
 def test_hooks_on_the_root_are_refused_and_the_named_fix_keeps_them():
