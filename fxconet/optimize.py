@@ -165,7 +165,9 @@ def _check_classes(graph: ChannelGraph, data: str, root: Any) -> None:
         classes = data_mod.dataset_info(data, root=root).num_classes
     except Exception:  # the loader itself reports unusable data
         return
-    out = graph.state.traced.graph.output_node().args[0] if graph.state is not None else None
+    # the output node (Graph.output_node() is newer than the oldest torch fxconet supports)
+    nodes = graph.state.traced.graph.nodes if graph.state is not None else ()
+    out = next((n.args[0] for n in reversed(nodes) if n.op == "output"), None)
     value = out.meta.get(META_KEY) if isinstance(out, torch.fx.Node) else None
     shape = getattr(getattr(value, "value", None), "shape", None)
     if shape is not None and len(shape) == 2 and shape[1] != classes:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import types
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -642,6 +643,37 @@ def expected_shapes(plan: ResizePlan) -> dict[str, Any]:
     return {name: shape(d) for name, d in plan.solution.dims.items()}
 
 
+def _mutates(node: torch.fx.Node) -> bool:
+    """A call that changes one of its inputs (``y.relu_()``, ``torch.sigmoid_(y)``,
+    ``F.relu(y, inplace=True)``, ``y[:, k] = v``, ``out=``): needed even when nothing uses
+    its result."""
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        if node.target is operator.setitem or "out" in node.kwargs:
+            return True
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace") is True
+
+
+def eliminate_dead_code(graph: torch.fx.Graph) -> bool:
+    """Remove nodes whose results nothing uses, keeping every node with a side effect: fx's
+    impure ones and the in-place calls fx's own ``eliminate_dead_code`` removes (a ``y.relu_()``
+    whose result is unused changes ``y``; torch 2.4 also drops ``operator.setitem``).
+    Returns True when a node was removed."""
+    removed = False
+    for node in reversed(graph.nodes):
+        if node.users or node.op in ("placeholder", "output"):
+            continue
+        if node.is_impure() or _mutates(node):
+            continue
+        graph.erase_node(node)
+        removed = True
+    return removed
+
+
 def emit(plan: ResizePlan, *, init: str = "inherit", meta: bool = False) -> torch.fx.GraphModule:
     """Build the GraphModule of ``plan`` and end as every rewrite ends: dead code eliminated,
     ``lint()``, unused submodules deleted, recompiled, and verified on ``meta`` tensors against
@@ -661,7 +693,7 @@ def emit(plan: ResizePlan, *, init: str = "inherit", meta: bool = False) -> torc
     gm = torch.fx.GraphModule(owners, new_graph, solution.traced.name)  # compiles its code
     dead = False
     if solution.rewrites or not solution.free_of_dead_code:
-        dead = gm.graph.eliminate_dead_code()
+        dead = eliminate_dead_code(gm.graph)
         solution.free_of_dead_code = not dead and not solution.rewrites
     gm.graph.lint()
     if dead:  # the code changed: compile it again

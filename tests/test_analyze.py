@@ -1197,3 +1197,28 @@ def test_kept_channels_count_in_the_producers_order_even_through_a_channel_shuff
                 assert torch.equal(out, kept[group.id]), (group.id, producer)
                 checked += 1
     assert checked >= 10  # most groups (the others are emitted only inside concatenations)
+
+
+def test_in_place_calls_whose_results_are_unused_survive_the_rewrite():
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            y.relu_()  # the results of these calls are unused: each changes y itself
+            y.mul_(2.0)
+            torch.sigmoid_(y)
+            F.relu(y, inplace=True)
+            y[:, :2] = y[:, :2] * 3
+            _ = y.mean()  # truly dead
+            return self.b(y)
+
+    model, x = InPlace().eval(), torch.randn(1, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x))
+    gm = fxconet.resize(graph, {})
+    assert not any(n.target == "mean" for n in gm.graph.nodes)
+    assert sum(n.op == "call_method" and n.target in ("relu_", "mul_") for n in gm.graph.nodes) == 2

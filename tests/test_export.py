@@ -33,9 +33,9 @@ def test_torch_save_round_trip_needs_weights_only_false(resized, tmp_path):
     path = export.save(gm, tmp_path / "model.pt")
     loaded = export.load(path)
     torch.testing.assert_close(outputs(loaded, x), outputs(gm, x), rtol=0, atol=0)
-    # the default weights_only=True refuses pickled code, as documented
+    # weights_only=True (torch.load's default since torch 2.6) refuses pickled code
     with pytest.raises(pickle.UnpicklingError):
-        torch.load(path)
+        torch.load(path, weights_only=True)
 
 
 def test_code_and_state_dict_rebuild_without_fxconet_or_the_model_class(resized, tmp_path):
