@@ -139,3 +139,78 @@ def test_a_rank_that_dies_ends_the_others_with_a_clear_error(tmp_path):
     assert outcome.startswith("DistributedError: rank 0 of 2: a collective failed during "
                               "training, epoch 1 of 1, step 3")  # fmt: skip
     assert "another rank probably stopped" in outcome
+
+
+def _plain_net() -> torch.nn.Module:
+    """No BatchNorm (whose statistics are per rank): two ranks must equal one process."""
+    torch.manual_seed(3)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+_CONFIG = {"epochs": 2, "batch_size": 32, "max_batches_per_epoch": 5, "lr": 0.05, "seed": 0}
+
+
+def _plain_worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world
+    )
+    try:
+        from fxconet.train import TrainConfig, train
+
+        net = _plain_net()
+        train(net, "digits", TrainConfig(**_CONFIG), progress=False)
+        torch.save(net.state_dict(), Path(folder) / f"plain{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batches(tmp_path):
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from fxconet.data import as_dataset
+    from fxconet.train import TrainConfig, train
+
+    mp.spawn(_plain_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"plain{r}.pt", weights_only=True) for r in (0, 1)]
+    # one process, fed each step the union of the two ranks' batches (batch_size / 2 each)
+    dataset = as_dataset("digits", split="train")
+    steps = []
+    for epoch in range(_CONFIG["epochs"]):
+        shards = []
+        for r in (0, 1):
+            sampler = DistributedSampler(dataset, num_replicas=2, rank=r, shuffle=True, seed=0)
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+        half = _CONFIG["batch_size"] // 2
+        for k in range(_CONFIG["max_batches_per_epoch"]):
+            steps.append(
+                shards[0][k * half : (k + 1) * half] + shards[1][k * half : (k + 1) * half]
+            )
+
+    class Epochs:
+        """The global batches, epoch by epoch (train() takes max_batches_per_epoch of each)."""
+
+        def __init__(self) -> None:
+            self.epoch = 0
+
+        def __iter__(self):
+            n = _CONFIG["max_batches_per_epoch"]
+            start, self.epoch = self.epoch * n, self.epoch + 1
+            return iter(steps[start : start + n])
+
+        def __len__(self) -> int:
+            return _CONFIG["max_batches_per_epoch"]
+
+    net = _plain_net()
+    train(net, DataLoader(dataset, batch_sampler=Epochs()), TrainConfig(**_CONFIG), progress=False)
+    single = net.state_dict()
+    start = _plain_net().state_dict()
+    assert not torch.allclose(single["4.weight"], start["4.weight"])  # it trained
+    for key in single:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
+        torch.testing.assert_close(ranks[0][key], single[key], rtol=1e-5, atol=1e-6)
