@@ -53,8 +53,6 @@ __all__ = [
 ]
 
 _INITS = ("inherit", "reset")
-#: marks a block of a layout whose channels all stay where they are
-_UNCHANGED = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,19 +123,20 @@ class ResizePlan:
 
     def _positions(self, layout: Layout) -> np.ndarray:
         slots = self._analysis().slots
-        blocks = slots.expand(layout)
-        local = self.__dict__.setdefault("_block_memo", {})
+        local = self.__dict__.setdefault("_block_memo", {})  # (var, outer, inner) -> positions
         parts: list[np.ndarray] = []
         offsets: list[int] = []
         changed = False
         off = 0
-        for b in blocks:
+        for b in slots.expand(layout):
             n = slots.size[b.var]
+            m = self.base.get(b.var)
+            same = m is None or len(m) == n  # plan_resize keeps an unchanged slot as arange(n)
             key = (b.var, b.outer, b.inner)
             pos = local.get(key)
             if pos is None:
-                pos = local[key] = self._block_positions(n, b.outer, b.inner, self.base.get(b.var))
-            changed = changed or pos is not _UNCHANGED
+                pos = local[key] = _block_positions(n, b.outer, b.inner, None if same else m)
+            changed = changed or not same
             parts.append(pos)
             offsets.append(off)
             off += b.outer * n * b.inner
@@ -145,26 +144,9 @@ class ResizePlan:
             return np.arange(off)
         # one concatenation and one offset add for the whole layout (a DenseNet concatenation
         # has dozens of blocks), instead of a few numpy calls per block
-        full = [
-            np.arange(b.outer * slots.size[b.var] * b.inner) if p is _UNCHANGED else p
-            for p, b in zip(parts, blocks, strict=True)
-        ]
-        cat = np.concatenate(full)
-        shift = np.repeat(np.asarray(offsets, dtype=np.int64), [len(p) for p in full])
+        cat = np.concatenate(parts)
+        shift = np.repeat(np.asarray(offsets, dtype=np.int64), [len(p) for p in parts])
         return np.where(cat < 0, -1, cat + shift)
-
-    @staticmethod
-    def _block_positions(n: int, outer: int, inner: int, m: np.ndarray | None) -> np.ndarray:
-        """Positions of one block relative to its start (``-1`` = new), or ``_UNCHANGED``."""
-        if m is None or len(m) == n:  # plan_resize keeps an unchanged slot as arange(n)
-            return _UNCHANGED
-        if outer == 1 and inner == 1:
-            return m
-        a = np.arange(outer)[:, None, None] * (n * inner)
-        c = m[None, :, None]
-        t = np.arange(inner)[None, None, :]
-        pos = a + c * inner + t
-        return np.where(np.broadcast_to(c < 0, pos.shape), -1, pos).reshape(-1)
 
     def layer_channels(self, path: str) -> dict[str, torch.Tensor]:
         """Kept original indices of a layer's input (``"in"``) and output (``"out"``) channels
@@ -177,6 +159,21 @@ class ResizePlan:
             if layout is not None:
                 out[key] = torch.from_numpy(self.positions(layout))
         return out
+
+
+def _block_positions(n: int, outer: int, inner: int, m: np.ndarray | None) -> np.ndarray:
+    """Positions of one layout block (``outer`` x ``n`` slot entries x ``inner``) relative to
+    its start: the original position of each new one (``-1`` = new), ``m`` the slot's kept
+    entries (None: unchanged)."""
+    if m is None:
+        return np.arange(outer * n * inner)
+    if outer == 1 and inner == 1:
+        return m
+    a = np.arange(outer)[:, None, None] * (n * inner)
+    c = m[None, :, None]
+    t = np.arange(inner)[None, None, :]
+    pos = a + c * inner + t
+    return np.where(np.broadcast_to(c < 0, pos.shape), -1, pos).reshape(-1)
 
 
 def _channel_scores(solution: Solution, leaves: set[int]) -> dict[int, np.ndarray]:
