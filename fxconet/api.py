@@ -40,8 +40,8 @@ from fxconet.passes.solve_channels import solution_of, solve_channels
 from fxconet.passes.trace import (
     grad_mode_notes,
     hook_notes,
-    hooked_modules,
-    parametrized_modules,
+    kept_modules,
+    parametrized_notes,
     trace_model,
     trace_with_fallback,
 )
@@ -184,15 +184,7 @@ def _analyze_traced(
     model: nn.Module, example_inputs: Any, options: _Options, *, fallback: bool
 ) -> tuple[ChannelGraph, tuple[tuple[str, str], ...]]:
     """The analysis of one traced module, and the submodules the trace kept opaque."""
-    hooked = hooked_modules(model)
-    kept = parametrized_modules(model)  # called whole (a leaf), widths frozen, with a reason
-    if options.hooks == "freeze":  # so their hooks stay in the graph and run
-        for path in hooked:
-            if not any(path == k or path.startswith(k + ".") for k in kept):
-                kept[path] = (
-                    f"`{path}` has hooks: kept as written so they see the widths they expect "
-                    "(hooks='resize' resizes it)"
-                )
+    kept, hooked = kept_modules(model, options.hooks)  # called whole (a leaf), widths frozen
     if kept:
         options = dataclasses.replace(options, leaf_modules=options.leaf_modules + tuple(kept))
     if fallback:
@@ -220,16 +212,11 @@ def _analyze_traced(
         f"output widths are frozen): it cannot be traced: {reason}"
         for path, reason in opaque
     ]
-    extra = grad_mode_notes(traced) + hook_notes(traced, hooked, options.hooks)
-    parametrized = [p for p in kept if p not in hooked]
-    if parametrized:
-        shown = ", ".join(f"`{p}`" for p in parametrized[:4])
-        extra.append(
-            f"{len(parametrized)} module(s) have parametrized tensors ({shown}"
-            f"{' ...' if len(parametrized) > 4 else ''}): each is kept as written, called as "
-            "one op with its input and output widths frozen (fxconet does not resize "
-            "parametrized tensors; remove_parametrizations before analyze to resize them)"
-        )
+    extra = [
+        *grad_mode_notes(traced),
+        *hook_notes(traced, hooked, options.hooks),
+        *parametrized_notes(kept, hooked),
+    ]
     if opaque_notes or extra:
         solution.notes[:] = [*opaque_notes, *solution.notes, *extra]
         graph = dataclasses.replace(graph, notes=tuple(solution.notes))

@@ -529,15 +529,14 @@ class _Solver:
             out = rule(ctx)
             if rule.update is not None and ctx.path is not None and ctx.path in self.layers:
                 self.layers[ctx.path].update = rule.update
-        frozen = None if module is None else self._frozen_reason(str(node.target), module)
-        if module is not None and frozen is not None:
-            reason = frozen
+        why = None if module is None else self._frozen_reason(str(node.target), module)
+        if module is not None and why is not None:
             for a in ctx.tensor_args():
-                ctx.freeze_dims(ctx.dims(a), reason)
-            ctx.freeze_dims(out, reason)
+                ctx.freeze_dims(ctx.dims(a), why)
+            ctx.freeze_dims(out, why)
             for _, t in module.named_parameters():
                 if id(t) in self.params:
-                    ctx.freeze_dims(self.params[id(t)].dims, reason)
+                    ctx.freeze_dims(self.params[id(t)].dims, why)
         self.dims[node.name] = out
         self.kinds[node.name] = "conv" if ctx.is_conv else "non-conv"
 

@@ -16,7 +16,7 @@ import inspect
 import operator
 import re
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -420,13 +420,13 @@ def _leaf_spec(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], fr
 def _refuse_unsupported(model: nn.Module, kept: frozenset[str] = frozenset()) -> None:
     """Refuse what a trace would drop or a resize would break, naming the module and the fix:
     a parametrized root, the legacy ``weight_norm``/``spectral_norm`` hooks outside ``kept``
-    (paths called whole, see :func:`parametrized_modules`), hooks on the root.
+    (paths called whole, see :func:`kept_modules`), hooks on the root.
     """
     from torch.nn.utils import parametrize
 
     name = type(model).__name__
     for path, m in model.named_modules():
-        if path in kept or any(path.startswith(k + ".") for k in kept):
+        if _within(path, kept):
             continue
         where = f"module `{path}` ({type(m).__name__})" if path else f"the root ({name})"
         if parametrize.is_parametrized(m):
@@ -617,47 +617,70 @@ def grad_mode_notes(traced: Traced) -> list[str]:
     return notes
 
 
-def hooked_modules(model: nn.Module) -> list[str]:
-    """Paths of the submodules of ``model`` (not the model itself) with forward, forward-pre
-    or backward hooks, outermost first; modules inside a hooked one are left out (they are
-    kept whole with it)."""
-    out: list[str] = []
+def _within(path: str, prefixes: Iterable[str]) -> bool:
+    """``path`` is one of ``prefixes`` or a module inside one."""
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def _shown(paths: Sequence[str]) -> str:
+    """The first four paths in backticks, ``...`` when there are more."""
+    return ", ".join(f"`{p}`" for p in paths[:4]) + (" ..." if len(paths) > 4 else "")
+
+
+def kept_modules(model: nn.Module, hooks: str) -> tuple[dict[str, str], list[str]]:
+    """The submodules of ``model`` (not the model itself) that an analysis calls whole, each
+    with the reason its widths stay frozen, and the paths of the hooked ones.
+
+    Kept: modules with parametrized tensors (``torch.nn.utils.parametrize``) always; modules
+    with forward, forward-pre or backward hooks when ``hooks == "freeze"``. Only the outermost
+    of nested ones are listed (the inner ones are kept whole with them), in one walk.
+    """
+    from torch.nn.utils import parametrize
+
+    kept: dict[str, str] = {}
+    hooked: list[str] = []
     for path, mod in model.named_modules():
-        if not path or any(path.startswith(p + ".") for p in out):
+        if not path or _within(path, kept):
             continue
-        if (
+        if parametrize.is_parametrized(mod):
+            tensors = sorted(mod.parametrizations.keys())  # type: ignore[union-attr, operator]
+            kept[path] = (
+                f"`{path}` has parametrized tensors {tensors} (torch.nn.utils.parametrize): "
+                "kept as written, widths frozen (fxconet does not resize parametrized tensors)"
+            )
+        elif not _within(path, hooked) and (
             mod._forward_hooks
             or mod._forward_pre_hooks
             or mod._backward_hooks
             or getattr(mod, "_backward_pre_hooks", None)
         ):
-            out.append(path)
-    return out
+            hooked.append(path)
+            if hooks == "freeze":
+                kept[path] = (
+                    f"`{path}` has hooks: kept as written so they see the widths they expect "
+                    "(hooks='resize' resizes it)"
+                )
+    return kept, hooked
 
 
-def parametrized_modules(model: nn.Module) -> dict[str, str]:
-    """Submodules with parametrized tensors (``torch.nn.utils.parametrize``), outermost first,
-    each with the reason fxconet keeps it as written: called as one op, widths frozen."""
-    from torch.nn.utils import parametrize
-
-    out: dict[str, str] = {}
-    for path, mod in model.named_modules():
-        if not path or any(path.startswith(p + ".") for p in out):
-            continue
-        if parametrize.is_parametrized(mod):
-            tensors = sorted(mod.parametrizations.keys())  # type: ignore[union-attr, operator]
-            out[path] = (
-                f"`{path}` has parametrized tensors {tensors} (torch.nn.utils.parametrize): "
-                "kept as written, widths frozen (fxconet does not resize parametrized tensors)"
-            )
-    return out
+def parametrized_notes(kept: Mapping[str, str], hooked: Sequence[str]) -> list[str]:
+    """A note naming the kept modules that are kept for their parametrized tensors."""
+    parametrized = [p for p in kept if p not in hooked]
+    if not parametrized:
+        return []
+    return [
+        f"{len(parametrized)} module(s) have parametrized tensors ({_shown(parametrized)}): each "
+        "is kept as written, called as one op with its input and output widths frozen (fxconet "
+        "does not resize parametrized tensors; remove_parametrizations before analyze to "
+        "resize them)"
+    ]
 
 
-def hook_notes(traced: Traced, hooked: list[str], mode: str) -> list[str]:
+def hook_notes(traced: Traced, hooked: Sequence[str], mode: str) -> list[str]:
     """A note naming the submodules with hooks and what ``analyze(hooks=mode)`` did with them."""
     if not hooked:
         return []
-    shown = ", ".join(f"`{p}`" for p in hooked[:4]) + (" ..." if len(hooked) > 4 else "")
+    shown = _shown(hooked)
     if mode == "freeze":
         return [
             f"{len(hooked)} module(s) have hooks ({shown}): each is kept as written, called as "
@@ -671,11 +694,10 @@ def hook_notes(traced: Traced, hooked: list[str], mode: str) -> list[str]:
         "hooked layers keep their hooks, which see the new widths (fxconet cannot check them)"
     )
     if through:
-        named = ", ".join(f"`{p}`" for p in through[:4]) + (" ..." if len(through) > 4 else "")
         note += (
-            f"; the hooks of {named} do NOT run in the resized model: torch.fx traces through "
-            "those modules, so their hooks ran once while tracing (their tensor ops are in the "
-            "graph, their Python side effects such as storing outputs are not); "
+            f"; the hooks of {_shown(through)} do NOT run in the resized model: torch.fx "
+            "traces through those modules, so their hooks ran once while tracing (their tensor "
+            "ops are in the graph, their Python side effects such as storing outputs are not); "
             "hooks='freeze' keeps them"
         )
     return [note]
