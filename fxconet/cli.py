@@ -325,10 +325,13 @@ def _build_parser(
     )
     opt.add_argument(
         "--save",
-        choices=("pt2", "onnx", "none"),
-        default="pt2",
-        help="save the final model in --out: pt2 (torch.export, loads with plain PyTorch: "
-        "torch.export.load(path).module()), onnx, or none (default: pt2)",
+        choices=("safe", "pt2", "onnx", "none"),
+        nargs="+",
+        default=["safe", "pt2"],
+        help="how to save the final model in --out, one or more of: safe (model/: data only, "
+        "loads without running code from the files: fxconet.export.load_safe(path)), pt2 "
+        "(torch.export, loads with plain PyTorch: torch.export.load(path).module(); trusted "
+        "files only), onnx, none (default: safe pt2)",
     )
     opt.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_method_flags(opt, flags)
@@ -412,18 +415,23 @@ def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> in
     print()
     print(result.table())
     print(f"\nreport: {result.report_path}")
-    if args.save != "none":
+    saves = [] if "none" in args.save else list(dict.fromkeys(args.save))
+    if saves:
         from fxconet import export
 
         x = torch.zeros(1, channels, *size)
         final = result.model.cpu()
-        if args.save == "pt2":
+    for kind in saves:
+        if kind == "safe":
+            path = export.save_safe(final, Path(out) / "model", example_inputs=x)
+            how = "fxconet.export.load_safe(path); no code in the files runs"
+        elif kind == "pt2":
             path = export.save_program(final, x, Path(out) / "model.pt2")
-            how = "torch.export.load(path).module()"
+            how = "torch.export.load(path).module(), without fxconet"
         else:
             path = export.export_onnx(final.eval(), x, Path(out) / "model.onnx")
             how = "onnxruntime.InferenceSession(path)"
-        print(f"model: {path} (load without fxconet: {how})")
+        print(f"model: {path} (load: {how})")
     return 0
 
 

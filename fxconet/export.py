@@ -1,7 +1,12 @@
 """Saving and exporting resized models.
 
-Four ways out of fxconet, from the most to the least Python-bound:
+Five ways out of fxconet, from the most to the least Python-bound:
 
+* :func:`save_safe` / :func:`load_safe`: data only, for models to share or to load from others:
+  ``architecture.json`` (each layer as its class and constructor arguments, the graph as ops and
+  arguments) and ``weights.pt`` (``weights_only=True``). Loading builds only ``torch.nn`` and
+  torchvision layers and calls only tensor ops unless told to trust more (``allow=``); nothing
+  from the files runs. Needs fxconet to load.
 * :func:`save` / :func:`load`: ``torch.save`` of the GraphModule. A GraphModule is pickled as its
   generated code plus modules, so loading needs ``torch.load(path, weights_only=False)``, which
   runs code from the file: only load files you trust. (``weights_only=True``, the default since
@@ -21,8 +26,11 @@ import builtins
 import importlib.util
 import inspect
 import itertools
+import json
+import keyword
 import math
 import os
+import re
 import sys
 import types
 import warnings
@@ -37,6 +45,7 @@ from fxconet.errors import ExportError, first_line
 from fxconet.passes import fx_compat
 from fxconet.passes.module_copy import evaluating, map_tensors
 from fxconet.passes.nodes import normalize_inputs
+from fxconet.passes.resize_layers import ResizePlan
 
 __all__ = [
     "ExportError",
@@ -44,8 +53,10 @@ __all__ = [
     "export_program",
     "load",
     "load_code",
+    "load_safe",
     "save",
     "save_code",
+    "save_safe",
     "save_program",
     "to_code",
 ]
@@ -123,16 +134,11 @@ def _qualified(obj: Any) -> tuple[str, str]:
     return module, qualname
 
 
-def _constructor(path: str, m: nn.Module, imports: dict[str, str]) -> str:
-    """A constructor call rebuilding leaf module ``m`` from its attributes."""
+def _constructor_kwargs(path: str, m: nn.Module) -> dict[str, Any]:
+    """The constructor arguments that rebuild leaf module ``m``, read from its attributes."""
     cls = type(m)
-    module, qualname = _qualified(cls)
-    alias = "_" + qualname.replace(".", "_")
-    imports[alias] = f"from {module} import {qualname.split('.')[0]} as {alias}"
-    if "." in qualname:
-        raise ExportError(f"module `{path}`: nested class {qualname} cannot be imported")
     sig = inspect.signature(cls.__init__)
-    parts = []
+    kwargs: dict[str, Any] = {}
     for name, p in list(sig.parameters.items())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name in ("device", "dtype"):
             continue
@@ -147,13 +153,28 @@ def _constructor(path: str, m: nn.Module, imports: dict[str, str]) -> str:
         else:
             raise ExportError(
                 f"module `{path}` ({cls.__name__}): constructor argument {name!r} is not an "
-                "attribute of the module, so it cannot be rebuilt from code"
+                "attribute of the module, so it cannot be rebuilt from its attributes"
             )
         if isinstance(value, nn.Module | torch.Tensor):
             raise ExportError(
                 f"module `{path}` ({cls.__name__}): argument {name!r} is a {type(value).__name__}"
             )
-        parts.append(f"{name}={_literal(value, f'module `{path}` argument {name!r}')}")
+        kwargs[name] = value
+    return kwargs
+
+
+def _constructor(path: str, m: nn.Module, imports: dict[str, str]) -> str:
+    """A constructor call rebuilding leaf module ``m`` from its attributes."""
+    cls = type(m)
+    module, qualname = _qualified(cls)
+    alias = "_" + qualname.replace(".", "_")
+    imports[alias] = f"from {module} import {qualname.split('.')[0]} as {alias}"
+    if "." in qualname:
+        raise ExportError(f"module `{path}`: nested class {qualname} cannot be imported")
+    parts = [
+        f"{name}={_literal(value, f'module `{path}` argument {name!r}')}"
+        for name, value in _constructor_kwargs(path, m).items()
+    ]
     return f"{alias}({', '.join(parts)})"
 
 
@@ -218,6 +239,23 @@ _HOOKS = (
 )
 
 
+def _refuse_hooks(gm: nn.Module, what: str) -> None:
+    """Raise if any module of ``gm`` has hooks (a file of code or data cannot hold them)."""
+    hooked = [
+        (path or type(gm).__name__, kind)
+        for path, mod in gm.named_modules()
+        for kind in _HOOKS
+        if getattr(mod, kind, None)
+    ]
+    if hooked:
+        where = ", ".join(f"`{p}` ({k.strip('_')})" for p, k in hooked[:4])
+        raise ExportError(
+            f"{what}: {where}{' ...' if len(hooked) > 4 else ''}. "
+            "Remove them before saving (and register them again after loading), or save "
+            "with save() or save_program()"
+        )
+
+
 def to_code(gm: torch.fx.GraphModule, class_name: str = "FxconetModel") -> str:
     """Python source of an ``nn.Module`` equivalent to ``gm`` (load weights separately).
 
@@ -234,19 +272,7 @@ def to_code(gm: torch.fx.GraphModule, class_name: str = "FxconetModel") -> str:
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise ExportError(f"to_code needs a torch.fx.GraphModule, got {type(gm).__name__}")
-    hooked = [
-        (path or type(gm).__name__, kind)
-        for path, mod in gm.named_modules()
-        for kind in _HOOKS
-        if getattr(mod, kind, None)
-    ]
-    if hooked:
-        where = ", ".join(f"`{p}` ({k.strip('_')})" for p, k in hooked[:4])
-        raise ExportError(
-            f"to_code cannot write hooks as code: {where}{' ...' if len(hooked) > 4 else ''}. "
-            "Remove them before saving (and register them again after load_code), or save "
-            "with save() or save_program()"
-        )
+    _refuse_hooks(gm, "to_code cannot write hooks as code")
     if not class_name.isidentifier():
         raise ExportError(f"class_name {class_name!r} is not a Python identifier")
     python_code = gm.graph.python_code(root_module="self")
@@ -362,32 +388,34 @@ def save_code(
         "    model.load_state_dict(torch.load('weights.pt', weights_only=True))\n"
     )
     rebuilt = load_code(folder, class_name=class_name, map_location=_device_of(gm))
-    mine, theirs = _state(gm), rebuilt.state_dict()
+    _check_rebuild(gm, rebuilt, f"the code written to {folder}", example_inputs)
+    return folder
+
+
+def _check_rebuild(gm: nn.Module, rebuilt: nn.Module, what: str, example_inputs: Any) -> None:
+    """Raise unless ``rebuilt`` has ``gm``'s tensors and training modes and, in eval mode, its
+    outputs on ``example_inputs`` (default: random inputs shaped as ``gm``'s analysis inputs)."""
+    mine = _state(gm)
+    theirs = _state(rebuilt) if isinstance(rebuilt, torch.fx.GraphModule) else rebuilt.state_dict()
     if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape for k in mine):
-        raise ExportError(f"the code written to {folder} does not rebuild the same tensors")
+        raise ExportError(f"{what} does not rebuild the same tensors")
     modes = {p: m.training for p, m in gm.named_modules()}
     if {p: m.training for p, m in rebuilt.named_modules()} != modes:
-        raise ExportError(f"the code written to {folder} does not rebuild the training modes")
+        raise ExportError(f"{what} does not rebuild the training modes")
     inputs = _example_inputs(gm) if example_inputs is None else normalize_inputs(example_inputs)
-    if inputs is not None:
-        args, kwargs = inputs
-        with torch.no_grad(), evaluating(gm), evaluating(rebuilt):
-            want = gm(*args, **kwargs)
-            try:
-                got = rebuilt(*args, **kwargs)
-            except Exception as e:
-                raise ExportError(
-                    f"the code written to {folder} fails on the example inputs: "
-                    f"{type(e).__name__}: {e}"
-                ) from e
+    if inputs is None:
+        return
+    args, kwargs = inputs
+    with torch.no_grad(), evaluating(gm), evaluating(rebuilt):
+        want = gm(*args, **kwargs)
         try:
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
-        except AssertionError as e:
-            raise ExportError(
-                f"the code written to {folder} does not compute the model's outputs "
-                f"({first_line(e)})"
-            ) from e
-    return folder
+            got = rebuilt(*args, **kwargs)
+        except Exception as e:
+            raise ExportError(f"{what} fails on the example inputs: {type(e).__name__}: {e}") from e
+    try:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    except AssertionError as e:
+        raise ExportError(f"{what} does not compute the model's outputs ({first_line(e)})") from e
 
 
 def _device_of(gm: nn.Module) -> torch.device:
@@ -432,6 +460,498 @@ def load_code(
     state = torch.load(folder / "weights.pt", map_location=map_location, weights_only=True)
     model.load_state_dict(state, strict=True)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# the code-free format: a declarative architecture (JSON) plus weights
+
+
+SAFE_FORMAT = "fxconet.safe"
+SAFE_VERSION = 1
+_ARCH, _WEIGHTS = "architecture.json", "weights.pt"
+_PATH_PART = re.compile(r"[A-Za-z0-9_]+")
+_OPERATORS = (
+    "abs add and_ concat contains eq floordiv ge getitem gt iadd iand ifloordiv imod imul index "
+    "inv invert ior ipow irshift ilshift is_ is_not isub itruediv ixor le lshift lt matmul mod mul "
+    "ne neg not_ or_ pos pow rshift setitem sub truediv truth xor"
+).split()
+_BUILTINS = "abs bool float getattr int len list max min range round slice sum tuple".split()
+
+
+def _public_callables(namespace: Any, names: Any) -> dict[str, Any]:
+    return {
+        n: getattr(namespace, n)
+        for n in names
+        if not n.startswith("_") and callable(getattr(namespace, n, None))
+    }
+
+
+_TRUSTED: dict[str, dict[str, Any]] = {}
+
+
+def _trusted() -> dict[str, dict[str, Any]]:
+    """The functions a safe file may call, by namespace: tensor ops, ``torch.nn.functional``,
+    ``operator``, ``math`` and a few builtins. Nothing that reads or writes files or imports."""
+    if not _TRUSTED:
+        import operator
+
+        torch_ops = _public_callables(torch, dir(torch._C._VariableFunctions))
+        torch_ops.update(_public_callables(torch, torch.functional.__all__))
+        for name in list(torch_ops):
+            if "file" in name or "load" in name or "save" in name:
+                del torch_ops[name]
+        torch_ops["_assert"] = torch._assert  # fx's rewrite of ``assert``
+        fn = nn.functional
+        _TRUSTED.update({
+            "torch": torch_ops,
+            "torch.nn.functional": {
+                n: f for n, f in _public_callables(fn, dir(fn)).items()
+                if getattr(f, "__module__", "").startswith(("torch.nn.functional", "torch._C"))
+            },
+            "torch._C._nn": _public_callables(torch._C._nn, dir(torch._C._nn)),
+            "torch.special": _public_callables(torch.special, dir(torch.special)),
+            "torch.linalg": _public_callables(torch.linalg, dir(torch.linalg)),
+            "torch.fft": _public_callables(torch.fft, dir(torch.fft)),
+            "operator": {n: getattr(operator, n) for n in _OPERATORS if hasattr(operator, n)},
+            "math": _public_callables(math, dir(math)),
+            "builtins": {n: getattr(builtins, n) for n in _BUILTINS},
+        })  # fmt: skip
+        if importlib.util.find_spec("torchvision") is not None:
+            import torchvision.ops
+
+            ops = torchvision.ops
+            _TRUSTED["torchvision.ops"] = {
+                n: f
+                for n, f in _public_callables(ops, ops.__all__).items()
+                if not isinstance(f, type)
+            }
+    return _TRUSTED
+
+
+def _tensor_names() -> frozenset[str]:
+    """Public attribute and method names of tensors: the only ones a safe file may use."""
+    return frozenset(n for n in dir(torch.Tensor) if not n.startswith("_"))
+
+
+def _trusted_module_class(cls: type) -> bool:
+    """``torch.nn`` layers and torchvision's ops layers: constructors that only build tensors."""
+    module = getattr(cls, "__module__", "")
+    return issubclass(cls, nn.Module) and (
+        module.startswith("torch.nn.modules.") or module.startswith("torchvision.ops.")
+    )
+
+
+def _name_of(obj: Any) -> str:
+    """``namespace:name`` of a trusted function, else ``module:qualname`` (needs ``allow=``)."""
+    for namespace, table in _trusted().items():
+        for name, f in table.items():
+            if f is obj:
+                return f"{namespace}:{name}"
+    module, qualname = _qualified(obj)
+    return f"{module}:{qualname}"
+
+
+def _allowed_names(allow: Any) -> dict[str, Any]:
+    out = {}
+    for obj in allow:
+        module, qualname = _qualified(obj)
+        out[f"{module}:{qualname}"] = obj
+    return out
+
+
+def _encode(value: Any, where: str) -> Any:
+    """A node argument as JSON: nodes, tuples, slices, dtypes ... tagged, literals as they are."""
+    if isinstance(value, torch.fx.Node):
+        return {"node": value.name}
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"float": str(value)}
+    if isinstance(value, torch.Size):
+        return {"size": [_encode(v, where) for v in value]}
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v, where) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, where) for v in value]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ExportError(f"{where}: a dict with keys that are not strings cannot be saved")
+        return {"dict": {k: _encode(v, where) for k, v in value.items()}}
+    if isinstance(value, slice):
+        return {"slice": [_encode(v, where) for v in (value.start, value.stop, value.step)]}
+    if value is Ellipsis:
+        return {"ellipsis": True}
+    for kind, cls in (
+        ("dtype", torch.dtype),
+        ("memory_format", torch.memory_format),
+        ("layout", torch.layout),
+    ):
+        if isinstance(value, cls):
+            return {kind: str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    raise ExportError(f"{where}: cannot save a {type(value).__name__} ({value!r}) as data")
+
+
+def _decode(value: Any, nodes: dict[str, torch.fx.Node], where: str) -> Any:
+    """Inverse of :func:`_encode`; refuses anything else (nothing is looked up by name but
+    earlier nodes, dtypes, memory formats and layouts)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list):
+        return [_decode(v, nodes, where) for v in value]
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ExportError(f"{where}: malformed argument {value!r}")
+    ((kind, v),) = value.items()
+    if kind == "node":
+        if v not in nodes:
+            raise ExportError(f"{where}: refers to node {v!r}, which does not come before it")
+        return nodes[v]
+    if kind in ("tuple", "size", "slice") and isinstance(v, list):
+        items = [_decode(x, nodes, where) for x in v]
+        if kind == "slice":
+            if len(items) != 3:
+                raise ExportError(f"{where}: malformed slice {v!r}")
+            return slice(*items)
+        return torch.Size(items) if kind == "size" else tuple(items)
+    if kind == "dict" and isinstance(v, dict):
+        return {str(k): _decode(x, nodes, where) for k, x in v.items()}
+    if kind == "float" and v in ("inf", "-inf", "nan"):
+        return float(v)
+    if kind == "ellipsis":
+        return Ellipsis
+    if kind == "device" and isinstance(v, str):
+        return torch.device(v)
+    if kind in ("dtype", "memory_format", "layout") and isinstance(v, str):
+        cls = {"dtype": torch.dtype, "memory_format": torch.memory_format}.get(kind, torch.layout)
+        found = getattr(torch, v, None) if v.isidentifier() else None
+        if isinstance(found, cls):
+            return found
+    raise ExportError(f"{where}: malformed argument {value!r}")
+
+
+def _module_path(path: Any, where: str) -> str:
+    """``path`` if it is a dotted path of plain attribute names (no ``__dunder__`` part)."""
+    if not isinstance(path, str) or not all(
+        _PATH_PART.fullmatch(p) and not (p.startswith("__") and p.endswith("__"))
+        for p in path.split(".")
+    ):
+        raise ExportError(f"{where}: {path!r} is not a module path")
+    return path
+
+
+def save_safe(gm: nn.Module, folder: str | os.PathLike[str], *, example_inputs: Any = None) -> Path:
+    """Write ``gm`` as data only: ``architecture.json`` (its layers as constructor arguments,
+    its graph as ops and arguments) and ``weights.pt`` (tensors for ``weights_only=True``).
+
+    :func:`load_safe` rebuilds the model without running anything from the files, so this is
+    the format to share or to load from others. The rebuild is checked before returning, as
+    :func:`save_code` checks its own: same tensors, training modes and outputs (on
+    ``example_inputs``, default random inputs of the analysed shapes), and
+    :func:`fxconet.kept_channels` still works after loading.
+
+    Raises:
+        ExportError: something in the model cannot be written as data (hooks, a layer whose
+            constructor arguments are not its attributes, an argument that is an object), or
+            the files do not rebuild the model.
+
+    Example:
+        >>> fxconet.export.save_safe(gm, "resized/")
+        >>> gm2 = fxconet.export.load_safe("resized/")
+    """
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise ExportError(f"save_safe needs a torch.fx.GraphModule, got {type(gm).__name__}")
+    _refuse_hooks(gm, "save_safe cannot write hooks as data")
+    leaves = _leaf_paths(gm)
+    needs: dict[str, Any] = {}  # functions and classes outside the trusted ones
+    modules = []
+    for path in sorted(leaves, key=lambda p: (p.count("."), p)):
+        mod = gm.get_submodule(path)
+        cls = type(mod)
+        entry: dict[str, Any] = {"path": path, "training": mod.training}
+        if cls is not nn.Module:
+            name = ":".join(_qualified(cls))
+            if not _trusted_module_class(cls):
+                needs[name] = cls
+            kwargs = _constructor_kwargs(path, mod)
+            where = f"module `{path}` ({cls.__name__})"
+            entry.update(type=name, kwargs=_encode(kwargs, where))
+        modules.append(entry)
+    containers = [
+        {"path": path, "training": mod.training}
+        for path, mod in gm.named_modules()
+        if path and path not in leaves and not any(path.startswith(p + ".") for p in leaves)
+    ]
+    tensors = []
+    for path, name, t in _owned_tensors(gm, leaves):
+        owner = gm.get_submodule(path)
+        kind = (
+            "parameter"
+            if name in owner._parameters
+            else "buffer"
+            if name in owner._buffers and name not in owner._non_persistent_buffers_set
+            else "attribute"
+        )
+        tensors.append({
+            "path": path, "name": name, "kind": kind, "requires_grad": t.requires_grad,
+        })  # fmt: skip
+    nodes = []
+    methods = _tensor_names()
+    for node in gm.graph.nodes:
+        where = f"node `{node.name}` ({node.op} {node.target})"
+        target: Any = node.target
+        if node.op == "call_function":
+            target = _name_of(node.target)
+            if target.partition(":")[0] not in _trusted():
+                needs[target] = node.target
+        elif node.op == "call_method" and node.target not in methods:
+            raise ExportError(
+                f"{where}: only tensor methods can be saved as data; save with save_program()"
+            )
+        nodes.append({
+            "name": node.name, "op": node.op, "target": target,
+            "args": _encode(node.args, where), "kwargs": _encode(node.kwargs, where),
+        })  # fmt: skip
+    plan = gm.meta.get("fxconet")
+    kept = None
+    if plan is not None and getattr(plan, "index", None) is not None:
+        kept = {str(g): t.tolist() for g, t in plan.index.items()}
+        kept = {"widths": {str(g): w for g, w in plan.widths.items()}, "index": kept}
+    architecture = {
+        "format": SAFE_FORMAT,
+        "version": SAFE_VERSION,
+        "torch": torch.__version__,
+        "name": type(gm).__name__,
+        "training": gm.training,
+        "modules": modules,
+        "containers": containers,
+        "tensors": tensors,
+        "nodes": nodes,
+        "frozen": [k for k, p in gm.named_parameters() if not p.requires_grad],
+        "needs": sorted(needs),
+        "kept_channels": kept,
+    }
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"{folder} is a file; save_safe writes a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / _ARCH).write_text(json.dumps(architecture, indent=1))
+    torch.save({k: v.detach().cpu() for k, v in _state(gm).items()}, folder / _WEIGHTS)
+    rebuilt = load_safe(folder, allow=needs.values(), map_location=_device_of(gm))
+    _check_rebuild(gm, rebuilt, f"the files written to {folder}", example_inputs)
+    return folder
+
+
+def load_safe(
+    folder: str | os.PathLike[str], *, allow: Any = (), map_location: Any = "cpu"
+) -> torch.fx.GraphModule:
+    """Rebuild a model written by :func:`save_safe`, without running code from the files.
+
+    ``architecture.json`` is read as data: layers are built only from ``torch.nn``'s and
+    torchvision's layer classes, ops only from tensor methods, ``torch``'s tensor functions,
+    ``torch.nn.functional``, ``operator`` and ``math``, and ``weights.pt`` is read with
+    ``torch.load(weights_only=True)``. A model that uses your own layer classes or functions
+    names them in the file's ``needs``; pass those objects in ``allow`` to trust them.
+
+    Raises:
+        ExportError: the folder is not a safe save, names something it may not use (the
+            message names the node or module and what to pass in ``allow``), or is malformed.
+
+    Example:
+        >>> gm = fxconet.export.load_safe("resized/")
+        >>> gm = fxconet.export.load_safe("yolo/", allow=[MyConv])   # a class of your own
+    """
+    folder = Path(folder)
+    arch_path = folder / _ARCH
+    try:
+        arch = json.loads(arch_path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{arch_path} does not exist (write it with save_safe)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{arch_path} is not readable JSON ({e})") from e
+    if not isinstance(arch, dict) or arch.get("format") != SAFE_FORMAT:
+        raise ExportError(f"{arch_path} is not an fxconet safe save (no format {SAFE_FORMAT!r})")
+    if arch.get("version") != SAFE_VERSION:
+        raise ExportError(
+            f"{arch_path}: format version {arch.get('version')!r}; this fxconet reads "
+            f"{SAFE_VERSION}"
+        )
+    allowed = _allowed_names(allow)
+    trusted = _trusted()
+    try:
+        return _rebuild_safe(folder, arch, allowed, trusted, map_location)
+    except ExportError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ExportError(f"{arch_path} is malformed ({type(e).__name__}: {e})") from e
+
+
+def _rebuild_safe(
+    folder: Path,
+    arch: dict[str, Any],
+    allowed: dict[str, Any],
+    trusted: dict[str, dict[str, Any]],
+    map_location: Any,
+) -> torch.fx.GraphModule:
+    arch_path = folder / _ARCH
+
+    def untrusted(name: str, where: str) -> ExportError:
+        return ExportError(
+            f"{arch_path}: {where} uses {name}, which load_safe does not trust by default; "
+            "if you trust this file, pass the object itself: "
+            f"load_safe(..., allow=[{name.split(':')[-1]}])"
+        )
+
+    root = nn.Module()
+
+    def parent_of(path: str) -> tuple[nn.Module, str]:
+        parent, _, name = path.rpartition(".")
+        mod = root
+        for part in filter(None, parent.split(".")):
+            child = mod._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                mod.add_module(part, child)
+            mod = child
+        return mod, name
+
+    for entry in arch["modules"]:
+        path = _module_path(entry["path"], "a module")
+        where = f"module `{path}`"
+        if "type" not in entry:
+            module = nn.Module()
+        else:
+            name = entry["type"]
+            module_name, _, qualname = str(name).partition(":")
+            cls = allowed.get(name)
+            if cls is None:
+                cls = _trusted_class(module_name, qualname)
+            if cls is None:
+                raise untrusted(name, where)
+            kwargs = _decode(entry["kwargs"], {}, where)
+            if not isinstance(kwargs, dict):
+                raise ExportError(f"{arch_path}: {where}: malformed arguments")
+            try:
+                module = cls(**kwargs)
+            except Exception as e:
+                raise ExportError(
+                    f"{arch_path}: {where}: {cls.__name__}(**{kwargs}) fails: {e}"
+                ) from e
+        parent, name = parent_of(path)
+        parent.add_module(name, module)
+    for entry in arch["containers"]:
+        parent, name = parent_of(_module_path(entry["path"], "a module"))
+        if name not in parent._modules:
+            parent.add_module(name, nn.Module())
+    weights = folder / _WEIGHTS
+    try:
+        state = torch.load(weights, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ExportError(f"{weights} does not exist (write it with save_safe)") from None
+    except Exception as e:
+        raise ExportError(f"{weights} is not readable with weights_only=True ({e})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError(f"{weights} is not a dict of tensors")
+    for entry in arch["tensors"]:
+        path = _module_path(entry["path"], "a tensor") if entry["path"] else ""
+        name = _module_path(entry["name"], "a tensor")
+        key = f"{path}.{name}" if path else name
+        if key not in state:
+            raise ExportError(f"{weights} has no tensor {key!r}, which {arch_path} names")
+        owner = root.get_submodule(path) if path else root
+        t = state[key]
+        if entry["kind"] == "parameter":
+            owner.register_parameter(name, nn.Parameter(t, requires_grad=entry["requires_grad"]))
+        elif entry["kind"] == "buffer":
+            owner.register_buffer(name, t)
+        else:
+            setattr(owner, name, t)
+    graph = torch.fx.Graph()
+    nodes: dict[str, torch.fx.Node] = {}
+    methods = _tensor_names()
+    for entry in arch["nodes"]:
+        op, target, label = entry["op"], entry["target"], entry["name"]
+        where = f"node `{label}` ({op} {target})"
+        args = _decode(entry["args"], nodes, where)
+        kwargs = _decode(entry["kwargs"], nodes, where)
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise ExportError(f"{arch_path}: {where}: malformed arguments")
+        if not all(k.isidentifier() and not keyword.iskeyword(k) for k in kwargs):
+            raise ExportError(f"{arch_path}: {where}: a keyword argument is not a name")
+        if op == "placeholder":
+            if not str(target).lstrip("*").isidentifier() or keyword.iskeyword(target):
+                raise ExportError(f"{arch_path}: {where}: not an argument name")
+            node = graph.placeholder(
+                target, default_value=args[0] if args else inspect.Parameter.empty
+            )
+        elif op == "output":
+            node = graph.output(args[0])
+        elif op in ("call_module", "get_attr"):
+            path = _module_path(target, where)
+            try:
+                found = root.get_submodule(path) if op == "call_module" else _attribute(root, path)
+            except AttributeError:
+                raise ExportError(f"{arch_path}: {where}: the model has no {path!r}") from None
+            if not isinstance(found, nn.Module | torch.Tensor):
+                raise ExportError(f"{arch_path}: {where}: {path!r} is not a layer or tensor")
+            node = graph.create_node(op, path, args, kwargs)
+        elif op == "call_method":
+            if target not in methods:
+                raise ExportError(f"{arch_path}: {where}: {target!r} is not a tensor method")
+            node = graph.call_method(target, args, kwargs)
+        elif op == "call_function":
+            namespace, _, name = str(target).partition(":")
+            fn = trusted.get(namespace, {}).get(name) if target not in allowed else allowed[target]
+            if fn is None:
+                raise untrusted(str(target), where)
+            if fn is getattr and not (len(args) == 2 and args[1] in methods):
+                raise ExportError(
+                    f"{arch_path}: {where}: getattr of {args[1:]!r}, not a tensor attribute"
+                )
+            node = graph.call_function(fn, args, kwargs)
+        else:
+            raise ExportError(f"{arch_path}: {where}: unknown op {op!r}")
+        nodes[label] = node
+    graph.lint()
+    gm = torch.fx.GraphModule(root, graph, class_name="FxconetModel")
+    gm.train(bool(arch["training"]))
+    for entry in [*arch["modules"], *arch["containers"]]:
+        gm.get_submodule(entry["path"]).train(bool(entry["training"]))
+    persistent = set(gm.state_dict())
+    missing = persistent - set(state)
+    if missing:
+        raise ExportError(f"{weights} lacks {sorted(missing)[:4]}")
+    gm.load_state_dict({k: state[k] for k in persistent}, strict=True, assign=True)
+    frozen = set(arch["frozen"])
+    for key, p in gm.named_parameters():
+        p.requires_grad_(key not in frozen)
+    kept = arch.get("kept_channels")
+    if kept:
+        plan = ResizePlan.__new__(ResizePlan)
+        plan.__setstate__({
+            "widths": {int(g): int(w) for g, w in kept["widths"].items()},
+            "index": {int(g): torch.tensor(v, dtype=torch.long) for g, v in kept["index"].items()},
+            "base": {}, "solution": None,
+        })  # fmt: skip
+        gm.meta["fxconet"] = plan
+    return gm
+
+
+def _trusted_class(module_name: str, qualname: str) -> type | None:
+    """A ``torch.nn`` or torchvision layer class by its module and name, without importing
+    anything that is not imported already (no module named by a file is imported)."""
+    module = sys.modules.get(module_name)
+    if module is None or "." in qualname or not qualname.isidentifier():
+        return None
+    cls = module.__dict__.get(qualname)
+    return cls if isinstance(cls, type) and _trusted_module_class(cls) else None
+
+
+def _attribute(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1211,6 +1211,7 @@ def test_in_place_calls_whose_results_are_unused_survive_the_rewrite():
             y.mul_(2.0)
             torch.sigmoid_(y)
             F.relu(y, inplace=True)
+            F.hardtanh(y, 0.0, 0.4, True)  # inplace passed by position
             y[:, :2] = y[:, :2] * 3
             _ = y.mean()  # truly dead
             return self.b(y)

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from fxconet import export
 from fxconet.cli import main
 from fxconet.data import load_dataset
 from fxconet.models import cifar_resnet20
@@ -44,6 +45,11 @@ def test_the_saved_model_loads_with_plain_torch_and_matches(tmp_path, capsys):
     assert y.shape == (5, 10)  # any batch size: the batch dim is dynamic
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["budget"]["within_tolerance"]
+    # the code-free save, written by default beside it, computes the same
+    assert "load_safe" in out
+    safe = export.load_safe(tmp_path / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(safe(x), y, rtol=1e-5, atol=1e-6)
 
 
 def test_weights_are_the_starting_point(tmp_path, capsys):

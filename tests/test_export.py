@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -137,6 +139,27 @@ def test_save_of_a_sliced_model_keeps_kept_channels_and_not_the_analysis(tmp_pat
         loaded.meta["fxconet"].layer_channels("c")
 
 
+def _refuses_a_wrong_rebuild_and_hooks(monkeypatch, gm, x, folder, save, load_name):
+    """``save`` compares outputs, not only names and shapes: a rebuild that computes something
+    else (same tensors, same shapes) is refused; hooks are refused instead of dropped."""
+    real = getattr(export, load_name)
+
+    def skewed(*args, **kwargs):
+        rebuilt = real(*args, **kwargs)
+        with torch.no_grad():
+            rebuilt.c.bias.add_(1.0)
+        return rebuilt
+
+    monkeypatch.setattr(export, load_name, skewed)
+    with pytest.raises(export.ExportError, match="does not compute the model's outputs"):
+        save(gm, folder / "wrong", example_inputs=x)
+    monkeypatch.undo()
+    handle = gm.c.register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(export.ExportError, match=r"hooks .*`c` \(forward_hooks\)"):
+        save(gm, folder / "hooked")
+    handle.remove()
+
+
 def test_save_code_keeps_training_modes_and_checks_outputs(tmp_path, monkeypatch):
     model, x = Sliced(), torch.randn(2, 3, 8, 8)
     graph = fxconet.analyze(model, x)
@@ -149,22 +172,135 @@ def test_save_code_keeps_training_modes_and_checks_outputs(tmp_path, monkeypatch
     rebuilt = export.load_code(export.save_code(gm, tmp_path / "mixed"))
     assert rebuilt.training and not rebuilt.bn.training and rebuilt.c.training
     assert gm.training and not gm.bn.training  # the check ran in eval mode and restored them
-    # outputs are compared, not only names and shapes: a rebuild that computes something
-    # else (same tensors, same shapes) is refused
-    real_load = export.load_code
+    _refuses_a_wrong_rebuild_and_hooks(monkeypatch, gm, x, tmp_path, export.save_code, "load_code")
 
-    def skewed(*args, **kwargs):
-        rebuilt = real_load(*args, **kwargs)
-        with torch.no_grad():
-            rebuilt.c.bias.add_(1.0)
-        return rebuilt
 
-    monkeypatch.setattr(export, "load_code", skewed)
-    with pytest.raises(export.ExportError, match="does not compute the model's outputs"):
-        export.save_code(gm, tmp_path / "wrong", example_inputs=x)
-    monkeypatch.undo()
-    # hooks cannot be written as code: refused instead of dropped
-    handle = gm.c.register_forward_hook(lambda m, i, o: o * 2)
-    with pytest.raises(export.ExportError, match=r"hooks .*`c` \(forward_hooks\)"):
-        export.save_code(gm, tmp_path / "hooked")
-    handle.remove()
+# ---------------------------------------------------------------------------------------------
+# the code-free format
+
+
+def test_safe_save_rebuilds_the_model_from_data_alone(resized, tmp_path):
+    gm, x = resized
+    folder = export.save_safe(gm, tmp_path / "safe")
+    assert sorted(p.name for p in folder.iterdir()) == ["architecture.json", "weights.pt"]
+    loaded = export.load_safe(folder)
+    torch.testing.assert_close(outputs(loaded, x), outputs(gm, x), rtol=0, atol=0)
+    assert not loaded.training
+    kept, again = fxconet.kept_channels(gm), fxconet.kept_channels(loaded)
+    assert kept.keys() == again.keys() and all(torch.equal(kept[g], again[g]) for g in kept)
+    # the weights are tensors only, and the architecture names no code
+    torch.load(folder / "weights.pt", weights_only=True)
+    arch = json.loads((folder / "architecture.json").read_text())
+    conv1 = next(m for m in arch["modules"] if m["path"] == "conv1")
+    assert arch["needs"] == [] and conv1["type"] == "torch.nn.modules.conv:Conv2d"
+    assert conv1["kwargs"]["dict"]["out_channels"] == 32
+
+
+def test_safe_save_keeps_modes_frozen_parameters_dtypes_and_checks_outputs(tmp_path, monkeypatch):
+    model, x = Sliced(), torch.randn(2, 3, 8, 8)
+    graph = fxconet.analyze(model, x)
+    gm = fxconet.resize(graph, {g.id: g.size - 1 for g in graph.free if g.size > 1})
+    gm.bn.eval()
+    gm.a.weight.requires_grad_(False)
+    gm.double()
+    loaded = export.load_safe(export.save_safe(gm, tmp_path / "m", example_inputs=x.double()))
+    assert loaded.training and not loaded.bn.training and loaded.c.training
+    assert not loaded.a.weight.requires_grad and loaded.b.weight.requires_grad
+    assert loaded.c.weight.dtype == torch.float64 and loaded.bn.running_var.dtype == torch.float64
+    gm.float()
+    gm.eval()
+    _refuses_a_wrong_rebuild_and_hooks(monkeypatch, gm, x, tmp_path, export.save_safe, "load_safe")
+    with pytest.raises(export.ExportError, match="GraphModule"):
+        export.save_safe(model, tmp_path / "plain")
+
+
+class Scale(torch.nn.Module):
+    """A layer class of the user's own: trusted only when the loader says so."""
+
+    def __init__(self, channels: int, factor: float = 2.0) -> None:
+        super().__init__()
+        self.channels, self.factor = channels, factor
+        self.weight = torch.nn.Parameter(torch.ones(channels))
+
+    def forward(self, x):
+        return x * self.weight.view(1, -1, 1, 1) * self.factor
+
+
+def test_safe_load_trusts_user_classes_only_when_allowed(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), Scale(8, 0.5), torch.nn.Conv2d(8, 2, 1))
+    x = torch.randn(2, 3, 9, 9)
+    graph = fxconet.analyze(model.eval(), x, leaf_modules=[Scale])
+    gm = fxconet.resize(graph, {g.id: 5 for g in graph.free}).eval()
+    folder = export.save_safe(gm, tmp_path / "m")
+    arch = json.loads((folder / "architecture.json").read_text())
+    assert arch["needs"] == [f"{__name__}:Scale"]
+    with pytest.raises(export.ExportError, match=r"uses test_export:Scale, .* allow=\[Scale\]"):
+        export.load_safe(folder)
+    loaded = export.load_safe(folder, allow=[Scale])
+    torch.testing.assert_close(outputs(loaded, x), outputs(gm, x), rtol=0, atol=0)
+    assert loaded.get_submodule("1").factor == 0.5
+
+
+def _tampered(folder, tmp_path, name, edit):
+    arch = json.loads((folder / "architecture.json").read_text())
+    edit(arch)
+    out = tmp_path / name
+    out.mkdir()
+    (out / "architecture.json").write_text(json.dumps(arch))
+    (out / "weights.pt").write_bytes((folder / "weights.pt").read_bytes())
+    return out
+
+
+def _node(arch, op):
+    return next(n for n in arch["nodes"] if n["op"] == op)
+
+
+def _set(entry, **values):
+    entry.update(values)
+
+
+@pytest.mark.parametrize(
+    ("case", "edit", "message"),
+    [
+        ("function", lambda a: _set(_node(a, "call_function"), target="os:system"), "os:system"),
+        ("builtin", lambda a: _set(_node(a, "call_function"), target="builtins:eval"), "eval"),
+        ("operator", lambda a: _set(_node(a, "call_function"), target="operator:call"), "call"),
+        ("torch load", lambda a: _set(_node(a, "call_function"), target="torch:load"), "load"),
+        ("layer", lambda a: _set(a["modules"][0], type="subprocess:Popen"), "subprocess"),
+        ("method", lambda a: _set(_node(a, "call_method"), target="__reduce__"), "not a tensor"),
+        (
+            "getattr",
+            lambda a: _set(
+                _node(a, "call_function"),
+                target="builtins:getattr",
+                args={"tuple": [{"node": "x"}, "__class__"]},
+            ),
+            "not a tensor attribute",
+        ),
+        ("attribute", lambda a: _set(_node(a, "call_module"), target="a.__class__"), "path"),
+        ("argument name", lambda a: _set(a["nodes"][0], target="x=print(1)"), "argument name"),
+        (
+            "keyword",
+            lambda a: _set(_node(a, "call_method"), kwargs={"dict": {"x=print(1)": 1}}),
+            "keyword argument",
+        ),
+        ("format", lambda a: _set(a, format="pickle"), "not an fxconet safe save"),
+        ("tag", lambda a: _set(_node(a, "call_method"), args={"pickle": "..."}), "malformed"),
+    ],
+)
+def test_safe_load_refuses_what_could_run_code(tmp_path, case, edit, message):
+    model, x = Sliced().eval(), torch.randn(2, 3, 8, 8)
+    gm = fxconet.resize(fxconet.analyze(model, x), {})
+    folder = export.save_safe(gm, tmp_path / "good")
+    before = set(sys.modules)
+    with pytest.raises(export.ExportError, match=message):
+        export.load_safe(_tampered(folder, tmp_path, "bad", edit))
+    assert "subprocess" in before or "subprocess" not in sys.modules  # nothing was imported
+
+
+def test_safe_load_errors_name_the_file(tmp_path):
+    with pytest.raises(export.ExportError, match="architecture.json does not exist"):
+        export.load_safe(tmp_path)
+    (tmp_path / "architecture.json").write_text("{")
+    with pytest.raises(export.ExportError, match="architecture.json is not readable JSON"):
+        export.load_safe(tmp_path)
