@@ -32,6 +32,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "collectives",
+    "user_code",
     "init_from_env",
     "is_distributed",
     "is_main",
@@ -95,7 +96,7 @@ def collectives(what: str | Callable[[], str]) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        if not _peer_lost(e):
+        if getattr(e, _USER_ERROR, False) or not _peer_lost(e):
             raise
         from fxconet.errors import DistributedError, first_line
 
@@ -105,6 +106,28 @@ def collectives(what: str | Callable[[], str]) -> Iterator[None]:
             f"probably stopped (its output names the cause) or the network between the ranks "
             f"broke. Backend: {first_line(e)[:300]}"
         ) from e
+
+
+_USER_ERROR = "_fxconet_raised_by_user_code"
+
+
+@contextlib.contextmanager
+def user_code() -> Iterator[None]:
+    """Run a caller's callback inside :func:`collectives`: what it raises reaches the caller
+    as it is, never relabelled as a lost peer (its text may well say "connection reset").
+
+    Example:
+        >>> with user_code():
+        ...     pass
+    """
+    try:
+        yield
+    except Exception as e:
+        try:
+            setattr(e, _USER_ERROR, True)
+        except AttributeError:  # an exception type with __slots__
+            pass
+        raise
 
 
 def barrier() -> None:

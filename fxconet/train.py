@@ -578,7 +578,8 @@ def train(
                 torch.distributed.all_reduce(totals)
                 loss_sum, correct, seen = totals[0], totals[1].long(), int(totals[2])
             if on_epoch_end is not None:
-                on_epoch_end(epoch, model)
+                with distributed.user_code():
+                    on_epoch_end(epoch, model)
             if adas is not None:
                 adas.step(optimizer)
             else:

@@ -214,3 +214,31 @@ def test_two_ranks_match_one_process_with_the_same_global_batches(tmp_path):
     for key in single:
         torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)
         torch.testing.assert_close(ranks[0][key], single[key], rtol=1e-5, atol=1e-6)
+
+
+def _callback_worker(rank: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2
+    )
+    from fxconet.train import TrainConfig, train
+
+    def callback(epoch, model):
+        raise RuntimeError("my callback: connection reset by the metrics server")
+
+    try:
+        train(_plain_net(), "digits", TrainConfig(epochs=1, batch_size=32,
+              max_batches_per_epoch=2), on_epoch_end=callback, progress=False)  # fmt: skip
+        outcome = "finished"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+    Path(folder, f"callback{rank}.txt").write_text(outcome)
+
+
+def test_a_callbacks_own_error_is_not_relabelled_as_a_lost_peer(tmp_path):
+    mp.spawn(_callback_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    for rank in (0, 1):
+        outcome = (tmp_path / f"callback{rank}.txt").read_text()
+        assert outcome == "RuntimeError: my callback: connection reset by the metrics server"
