@@ -421,18 +421,24 @@ def _optimize(args: argparse.Namespace, method_options: Mapping[str, Any]) -> in
 
         x = torch.zeros(1, channels, *size)
         final = result.model.cpu()
-    for kind in saves:
-        if kind == "safe":
-            path = export.save_safe(final, Path(out) / "model", example_inputs=x)
-            how = "fxconet.export.load_safe(path); no code in the files runs"
-        elif kind == "pt2":
-            path = export.save_program(final, x, Path(out) / "model.pt2")
-            how = "torch.export.load(path).module(), without fxconet"
-        else:
-            path = export.export_onnx(final.eval(), x, Path(out) / "model.onnx")
-            how = "onnxruntime.InferenceSession(path)"
+    failed = 0
+    for kind in saves:  # each format on its own: one that cannot hold the model loses no other
+        try:
+            if kind == "safe":
+                path = export.save_safe(final, Path(out) / "model", example_inputs=x)
+                how = "fxconet.export.load_safe(path); no code in the files runs"
+            elif kind == "pt2":
+                path = export.save_program(final, x, Path(out) / "model.pt2")
+                how = "torch.export.load(path).module(), without fxconet"
+            else:
+                path = export.export_onnx(final.eval(), x, Path(out) / "model.onnx")
+                how = "onnxruntime.InferenceSession(path)"
+        except export.ExportError as e:
+            failed += 1
+            print(f"fxconet: error: --save {kind}: {e}", file=sys.stderr)
+            continue
         print(f"model: {path} (load: {how})")
-    return 0
+    return 1 if failed else 0
 
 
 def _load_weights(model: Any, path: Path) -> None:

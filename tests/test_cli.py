@@ -85,3 +85,19 @@ def test_a_module_callable_in_the_current_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["analyze", "mynets:make_net", "--data", "digits"]) == 0
     assert "1 free" in capsys.readouterr().out
+
+
+def test_a_format_that_cannot_hold_the_model_loses_no_other(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise export.ExportError("a layer cannot be written as data")
+
+    monkeypatch.setattr(export, "save_safe", refuse)
+    status = main(
+        ["optimize", "cifar_resnet20", "--data", "digits", "--method", "uniform", "--phi", "1",
+         "--epochs", "0", "--out", str(tmp_path), "--quiet"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "--save safe: a layer cannot be written as data" in captured.err
+    assert (tmp_path / "model.pt2").is_file() and (tmp_path / "report.json").is_file()
+    assert "Traceback" not in captured.err
