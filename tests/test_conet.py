@@ -180,6 +180,23 @@ def test_resume_reproduces_an_uninterrupted_search(tmp_path, reinit):
     assert json.loads((tmp_path / "cut" / "trial_000.json").read_text())["trial"] == 0
 
 
+def test_resume_after_a_kill_inside_the_first_trial_starts_over(tmp_path, caplog):
+    """A kill between the first trial's tensor file and its JSON leaves no finished trial:
+    resume=True starts from the first trial (it used to refuse both ways: "nothing to resume",
+    and a fresh run "holds the checkpoints of an earlier search")."""
+    options = dict(SMALL, trials=2)
+    full = fxconet.optimize_channels(Net(), data="digits", out=tmp_path / "full", **options)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "trial_000.pt").write_bytes(b"tensors of the unfinished trial")
+    (cut / "trial_000.json.tmp").write_text('{"trial": 0, "sig')  # half written
+    with caplog.at_level("WARNING", logger="fxconet"):
+        resumed = fxconet.optimize_channels(Net(), data="digits", out=cut, resume=True, **options)
+    assert "holds no finished step" in caplog.text
+    assert resumed.widths == full.widths
+    assert not list(cut.glob("*.tmp"))
+
+
 def test_resume_refuses_other_settings(tmp_path):
     fxconet.optimize_channels(Net(), data="digits", out=tmp_path, **dict(SMALL, trials=2))
     with pytest.raises(SearchError, match="another model or search configuration"):

@@ -1450,7 +1450,7 @@ def aps_search(
     first = 0
     bounds = supernet.phi_bounds()
     phi0 = supernet.phi()
-    if resume:
+    if checkpoints.resume:
         found = checkpoints.load()
         first = found.next_step
         with restoring(checkpoints.out):
@@ -1623,7 +1623,7 @@ def aps_search(
     # -- top-N by beam search, closest to the target, decode -----------------------------------
     pick_started = time.perf_counter()
     settings = {"top_n": config.top_n, "flops_tolerance": config.flops_tolerance}
-    saved = checkpoints.load_final("pick", settings) if resume else None
+    saved = checkpoints.load_final("pick", settings) if checkpoints.resume else None
     if saved is not None:
         top = [(list(a), float(lp)) for a, lp in saved["top"]]
         pick = int(saved["pick"])

@@ -326,7 +326,7 @@ def conet_search(
     history: list[dict[str, Any]] = []
     first = 0
     trained: nn.Module | None = None
-    if resume:
+    if checkpoints.resume:
         found = checkpoints.load()
         with restoring(checkpoints.out):
             state = _state_from_json(found.state)

@@ -98,6 +98,19 @@ class Checkpoints:
             raise SearchError(f"--out {self.out} is a file; give a folder for the checkpoints")
         self.out.mkdir(parents=True, exist_ok=True)
         written = self.written()
+        if self.resume and written and all(_leftover_of_first_step(p) for p in written):
+            # killed before the first step's JSON confirmed it: nothing finished to resume, and
+            # the files are this search's own partial writes
+            logger.warning(
+                "%s holds no finished step (only %s, left by a kill during the first step): "
+                "starting from the first step",
+                self.out,
+                ", ".join(p.name for p in written),
+            )
+            if distributed.is_main():
+                for path in written:
+                    path.unlink()
+            self.resume, written = False, []
         if written and not self.resume:
             if not self.overwrite:
                 raise SearchError(
@@ -241,6 +254,11 @@ def restoring(out: Path | None) -> Iterator[None]:
             f"cannot resume from {out}: its checkpoints do not hold this search's state "
             f"({type(e).__name__}: {e}); {_FRESH_START}"
         ) from e
+
+
+def _leftover_of_first_step(path: Path) -> bool:
+    """A file the first step writes before its JSON: its tensors or a half-written file."""
+    return path.name == "trial_000.pt" or path.name.endswith(".tmp")
 
 
 _FRESH_START = "start the search afresh with --overwrite (overwrite=True) or in a new --out folder"
