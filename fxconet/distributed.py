@@ -32,12 +32,12 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "collectives",
-    "user_code",
     "init_from_env",
     "is_distributed",
     "is_main",
     "local_device",
     "rank",
+    "user_code",
     "world_size",
 ]
 

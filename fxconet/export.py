@@ -23,6 +23,7 @@ Five ways out of fxconet, from the most to the least Python-bound:
 from __future__ import annotations
 
 import builtins
+import functools
 import importlib.util
 import inspect
 import itertools
@@ -44,7 +45,7 @@ from torch import nn
 from fxconet.errors import ExportError, first_line
 from fxconet.passes import fx_compat
 from fxconet.passes.module_copy import evaluating, map_tensors
-from fxconet.passes.nodes import normalize_inputs
+from fxconet.passes.nodes import get_attr, normalize_inputs
 from fxconet.passes.resize_layers import ResizePlan
 
 __all__ = [
@@ -528,6 +529,7 @@ def _trusted() -> dict[str, dict[str, Any]]:
     return _TRUSTED
 
 
+@functools.cache
 def _tensor_names() -> frozenset[str]:
     """Public attribute and method names of tensors: the only ones a safe file may use."""
     return frozenset(n for n in dir(torch.Tensor) if not n.startswith("_"))
@@ -541,12 +543,18 @@ def _trusted_module_class(cls: type) -> bool:
     )
 
 
+_TRUSTED_NAMES: dict[int, str] = {}
+
+
 def _name_of(obj: Any) -> str:
     """``namespace:name`` of a trusted function, else ``module:qualname`` (needs ``allow=``)."""
-    for namespace, table in _trusted().items():
-        for name, f in table.items():
-            if f is obj:
-                return f"{namespace}:{name}"
+    if not _TRUSTED_NAMES:  # the first namespace that holds a function names it
+        for namespace, table in _trusted().items():
+            for name, f in table.items():
+                _TRUSTED_NAMES.setdefault(id(f), f"{namespace}:{name}")
+    found = _TRUSTED_NAMES.get(id(obj))
+    if found is not None:
+        return found
     module, qualname = _qualified(obj)
     return f"{module}:{qualname}"
 
@@ -715,8 +723,10 @@ def save_safe(gm: nn.Module, folder: str | os.PathLike[str], *, example_inputs: 
     plan = gm.meta.get("fxconet")
     kept = None
     if plan is not None and getattr(plan, "index", None) is not None:
-        kept = {str(g): t.tolist() for g, t in plan.index.items()}
-        kept = {"widths": {str(g): w for g, w in plan.widths.items()}, "index": kept}
+        kept = {
+            "widths": {str(g): w for g, w in plan.widths.items()},
+            "index": {str(g): t.tolist() for g, t in plan.index.items()},
+        }
     architecture = {
         "format": SAFE_FORMAT,
         "version": SAFE_VERSION,
@@ -889,7 +899,7 @@ def _rebuild_safe(
         elif op in ("call_module", "get_attr"):
             path = _module_path(target, where)
             try:
-                found = root.get_submodule(path) if op == "call_module" else _attribute(root, path)
+                found = root.get_submodule(path) if op == "call_module" else get_attr(root, path)
             except AttributeError:
                 raise ExportError(f"{arch_path}: {where}: the model has no {path!r}") from None
             if not isinstance(found, nn.Module | torch.Tensor):
@@ -927,7 +937,7 @@ def _rebuild_safe(
         p.requires_grad_(key not in frozen)
     kept = arch.get("kept_channels")
     if kept:
-        plan = ResizePlan.__new__(ResizePlan)
+        plan = ResizePlan.__new__(ResizePlan)  # as a pickled plan loads: no analysis
         plan.__setstate__({
             "widths": {int(g): int(w) for g, w in kept["widths"].items()},
             "index": {int(g): torch.tensor(v, dtype=torch.long) for g, v in kept["index"].items()},
@@ -945,13 +955,6 @@ def _trusted_class(module_name: str, qualname: str) -> type | None:
         return None
     cls = module.__dict__.get(qualname)
     return cls if isinstance(cls, type) and _trusted_module_class(cls) else None
-
-
-def _attribute(root: nn.Module, path: str) -> Any:
-    obj: Any = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------
