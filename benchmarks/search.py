@@ -362,7 +362,7 @@ def table(summary: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict[str, Any]], path: Path) -> None:
+def plot(summary: list[dict[str, Any]], path: Path, widths: str = "16/32/64") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,7 +388,8 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
                     marker="D", color="black", capsize=3, label="full network")  # fmt: skip
     ax.set(xlabel="MACs (% of the full network)",
            ylabel="test accuracy % (mean ± SD over seeds)",
-           title="ResNet-20, Fashion-MNIST: pruned to a MACs budget, fine-tuned")  # fmt: skip
+           title=f"ResNet-20 ({widths}), Fashion-MNIST: pruned to a MACs budget, "
+                 "fine-tuned")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -414,7 +415,7 @@ def report(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         f"{settings['threads']} torch threads on {settings['machine']}."
     )
     md.write_text(head + "\n\n" + table(summary, settings) + "\n")
-    plot(summary, args.out.with_suffix(".png"))
+    plot(summary, args.out.with_suffix(".png"), widths)
     print(table(summary, settings))
 
 
