@@ -44,8 +44,10 @@ For each seed ``s`` (paired: every method of a seed starts from the same trained
 Every (seed, method, budget) result is a JSON file under ``--runs`` (a killed run restarts
 where it stopped; CONet's searches resume from their checkpoints). Every invocation rewrites
 ``search.json`` (settings, machine, load, every run, the summary), ``search.md`` (the table:
-mean, SD, the paired difference to uniform and its standard error, MACs, parameters, search
-cost) and ``search.png`` (accuracy against MACs) from all the results found.
+mean, SD, the paired differences to uniform and to Torch-Pruning with their standard errors,
+MACs, parameters, search cost; then every paired difference per seed, then the hand-written text
+of ``search.notes.md`` when that file exists, so a rerun keeps it) and ``search.png`` (accuracy
+against MACs) from all the results found (``--report-only``: only these).
 
 Example:
     python benchmarks/search.py                      # the committed results (~1.5 h, 2 cores)
@@ -302,23 +304,49 @@ def collect(runs: Path) -> list[dict[str, Any]]:
     return rows
 
 
+BASELINES = ("uniform", "tp-l2")  # every row's paired difference is reported against these
+
+
+def _paired(mine: list[dict[str, Any]], base: dict[tuple[int, float], float]) -> dict[str, Any]:
+    """The per-seed differences (pp) of ``mine`` to a baseline's runs of the same seed and
+    budget, their mean, standard error and t."""
+    seeds, diffs = [], []
+    for r in mine:
+        key = (r["seed"], r["budget"])
+        if key in base:
+            seeds.append(r["seed"])
+            diffs.append(100 * (r["accuracy"] - base[key]))
+    n = len(diffs)
+    mean = statistics.mean(diffs) if diffs else None
+    se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
+    return {
+        "seeds": seeds,
+        "per_seed": diffs,
+        "mean": mean,
+        "se": se,
+        "t": mean / se if mean is not None and se else None,
+    }
+
+
 def summarise(rows: list[dict[str, Any]], macs_full: int) -> list[dict[str, Any]]:
-    """Per (method, budget): mean, SD, and the paired difference to uniform (mean, SE, t)."""
+    """Per (method, budget): mean, SD, and the paired differences to each baseline (mean, SE,
+    t; ``diff_to_uniform``/``diff_se``/``t`` repeat the one to uniform)."""
     out = []
     keys = sorted({(r["method"], r["budget"]) for r in rows}, key=lambda k: (-k[1], k[0]))
-    uniform = {(r["seed"], r["budget"]): r["accuracy"] for r in rows if r["method"] == "uniform"}
+    bases = {
+        b: {(r["seed"], r["budget"]): r["accuracy"] for r in rows if r["method"] == b}
+        for b in BASELINES
+    }
     for method, budget in keys:
         mine = sorted((r for r in rows if (r["method"], r["budget"]) == (method, budget)),
                       key=lambda r: r["seed"])  # fmt: skip
         accs = [100 * r["accuracy"] for r in mine]
-        diffs = [
-            100 * (r["accuracy"] - uniform[(r["seed"], budget)])
-            for r in mine
-            if (r["seed"], budget) in uniform and method != "uniform"
-        ]
-        n = len(diffs)
-        mean_d = statistics.mean(diffs) if diffs else None
-        se = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else None
+        diffs = {
+            b: _paired(mine, bases[b])
+            for b in BASELINES[: BASELINES.index(method) if method in BASELINES else None]
+            if method != "full"
+        }
+        vs_uniform = diffs.get("uniform", {})
         out.append({
             "method": method,
             "budget": budget,
@@ -326,9 +354,10 @@ def summarise(rows: list[dict[str, Any]], macs_full: int) -> list[dict[str, Any]
             "accuracy_mean": statistics.mean(accs),
             "accuracy_sd": statistics.stdev(accs) if len(accs) > 1 else None,
             "per_seed": accs,
-            "diff_to_uniform": mean_d,
-            "diff_se": se,
-            "t": mean_d / se if mean_d is not None and se else None,
+            "diff_to_uniform": vs_uniform.get("mean"),
+            "diff_se": vs_uniform.get("se"),
+            "t": vs_uniform.get("t"),
+            "diff_to": diffs,
             "macs_pct": 100 * statistics.mean(r["macs"] for r in mine) / macs_full,
             "params": statistics.mean(r["params"] for r in mine),
             "search_seconds": statistics.mean(r.get("search_seconds", 0.0) for r in mine),
@@ -341,24 +370,42 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _diff_cell(d: dict[str, Any] | None) -> str:
+    if not d or d["mean"] is None:
+        return "- | -"
+    return f"{d['mean']:+.2f} ± {_fmt(d['se'], '.2f')} | {_fmt(d['t'], '.1f')}"
+
+
 def table(summary: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    """The markdown table of the summary: one row per (method, budget)."""
     head = (
         "| method | budget | seeds | test acc. % (mean ± SD) | Δ vs uniform (pp, ± SE) | t | "
-        "MACs % | params | search epochs | search s |"
+        "Δ vs tp-l2 (pp, ± SE) | t | MACs % | params | search epochs | search s |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 12]
     for s in summary:
-        diff = (
-            "-"
-            if s["diff_to_uniform"] is None
-            else f"{s['diff_to_uniform']:+.2f} ± {_fmt(s['diff_se'], '.2f')}"
-        )
+        diffs = s.get("diff_to", {})
         lines.append(
             f"| {s['method']} | {s['budget']:.0%} | {len(s['seeds'])} | "
-            f"{s['accuracy_mean']:.2f} ± {_fmt(s['accuracy_sd'], '.2f')} | {diff} | "
-            f"{_fmt(s['t'], '.1f')} | {s['macs_pct']:.1f} | {s['params']:,.0f} | "
+            f"{s['accuracy_mean']:.2f} ± {_fmt(s['accuracy_sd'], '.2f')} | "
+            f"{_diff_cell(diffs.get('uniform'))} | {_diff_cell(diffs.get('tp-l2'))} | "
+            f"{s['macs_pct']:.1f} | {s['params']:,.0f} | "
             f"{s['search_epochs']:.0f} | {s['search_seconds']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def paired_lines(summary: list[dict[str, Any]]) -> str:
+    """Every row's per-seed paired differences to each baseline, as a markdown list."""
+    lines = []
+    for s in summary:
+        for base, d in s.get("diff_to", {}).items():
+            if d["per_seed"]:
+                per = ", ".join(f"{x:+.2f}" for x in d["per_seed"])
+                seeds = ",".join(map(str, d["seeds"]))
+                lines.append(
+                    f"- {s['method']} - {base} at {s['budget']:.0%} (seeds {seeds}): {per}"
+                )
     return "\n".join(lines)
 
 
@@ -397,8 +444,18 @@ def plot(summary: list[dict[str, Any]], path: Path, widths: str = "16/32/64") ->
     plt.close(fig)
 
 
+def known_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The runs under ``--runs``, plus those recorded in an earlier ``--out`` JSON that the
+    runs folder no longer holds (a lost or moved folder does not drop committed results)."""
+    rows = {(r["seed"], r["method"], r["budget"]): r for r in collect(args.runs)}
+    if args.out.is_file():
+        for r in json.loads(args.out.read_text()).get("runs", []):
+            rows.setdefault((r["seed"], r["method"], r["budget"]), r)
+    return sorted(rows.values(), key=lambda r: (r["seed"], -r["budget"], r["method"]))
+
+
 def report(args: argparse.Namespace, settings: dict[str, Any]) -> None:
-    rows = collect(args.runs)
+    rows = known_rows(args)
     if not rows:
         return
     macs_full = next(r["macs"] for r in rows if r["method"] == "full")
@@ -414,7 +471,16 @@ def report(args: argparse.Namespace, settings: dict[str, Any]) -> None:
         f"{settings['conet_trials']} x {settings['conet_epochs']} epochs; "
         f"{settings['threads']} torch threads on {settings['machine']}."
     )
-    md.write_text(head + "\n\n" + table(summary, settings) + "\n")
+    notes = args.out.with_suffix(".notes.md")  # hand-written text, kept across reruns
+    body = [
+        head,
+        table(summary, settings),
+        "Paired differences per seed (pp):",
+        paired_lines(summary),
+    ]
+    if notes.is_file():
+        body.append(notes.read_text().strip())
+    md.write_text("\n\n".join(body) + "\n")
     plot(summary, args.out.with_suffix(".png"), widths)
     print(table(summary, settings))
 
@@ -431,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_at_start": list(os.getloadavg()),
     }
     if args.report_only:
+        if args.out.is_file():  # the settings the results were run with, not this call's
+            settings = json.loads(args.out.read_text()).get("settings", settings)
         report(args, settings)
         return 0
     train_data, test = datasets(args)
