@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fxconet.api import analyze, resize
 from fxconet.ir import ChannelGraph
+from fxconet.passes import parametrized
 from fxconet.passes.module_copy import map_tensors
 from fxconet.passes.nodes import normalize_inputs
 from fxconet.passes.view import SolutionView, TensorLayout
@@ -170,11 +172,19 @@ def _zero(
 ) -> None:
     """Zero base channels ``base`` of group ``gid`` in every parameter dim that carries them."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    # weight_norm's direction is not zeroed along its dim (0/0): its magnitude zeroes the weight
+    keep = {
+        (f"{path}.parametrizations.weight.original1" if path else "", parametrized.norm_dim(m))
+        for path, m in model.named_modules()
+        if parametrize.is_parametrized(m, "weight") and parametrized.resizable(m) is None
+    }
     for name, layout in layouts.items():
         tensor = params.get(name)
         if tensor is None:
             continue  # buffers (running statistics) may keep their values
         for d, blocks in enumerate(layout.dims):
+            if (name, d) in keep:
+                continue
             positions = [
                 (
                     b.offset

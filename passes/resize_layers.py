@@ -32,11 +32,12 @@ import numpy as np
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fxconet.ir import ChannelGraph, check_widths
 from fxconet.ops import registry as op_registry
 from fxconet.ops.layout import Layout, is_layout
-from fxconet.passes import fx_compat
+from fxconet.passes import fx_compat, parametrized
 from fxconet.passes.module_copy import copies_itself, shallow_copy, structural_copy
 from fxconet.passes.nodes import META_KEY, NodeView, get_attr
 from fxconet.passes.solve_channels import LayerRecord, ParamRecord, Solution, solution_of
@@ -190,7 +191,8 @@ def _channel_scores(solution: Solution, leaves: set[int]) -> dict[int, np.ndarra
             blocks = slots.expand(rec.dims[d])
             if not any(b.var in scores for b in blocks):
                 continue
-            norms = _dim_norms(rec, d)
+            layer = solution.computed_by.get(id(rec.tensor))  # a parametrized weight, as it is now
+            norms = _dim_norms(rec.tensor if layer is None else parametrized.computed(layer), d)
             off = 0
             for b in blocks:
                 n = slots.size[b.var]
@@ -202,8 +204,8 @@ def _channel_scores(solution: Solution, leaves: set[int]) -> dict[int, np.ndarra
     return scores
 
 
-def _dim_norms(rec: ParamRecord, d: int) -> np.ndarray:
-    t = rec.tensor.detach()
+def _dim_norms(tensor: torch.Tensor, d: int) -> np.ndarray:
+    t = tensor.detach()
     if t.device.type == "meta":
         return np.zeros(t.shape[d])
     others = tuple(i for i in range(t.dim()) if i != d)
@@ -335,6 +337,13 @@ def _default_raw_init(rec: ParamRecord, shape: tuple[int, ...], like: torch.Tens
     return t
 
 
+def _default_weight(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A conv's or linear layer's default weight initialisation, of ``shape``."""
+    t = torch.empty(shape, dtype=like.dtype, device=like.device)
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    return t
+
+
 def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``t`` in ``like``'s memory format (channels-last weights stay channels-last)."""
     if t.device.type == "meta" or t.dim() not in (4, 5) or like.is_contiguous():
@@ -403,7 +412,10 @@ class _Builder:
             (n, t) for n, t in [*mod._parameters.items(), *mod._buffers.items()] if t is not None
         ]
         fresh: dict[str, torch.Tensor] = {}
-        if not self.meta and (self.init == "reset" or self._grows(own)):
+        weighted = rec if rec is not None and parametrize.is_parametrized(mod, "weight") else None
+        if weighted is not None:  # the weight lives in the parametrization: see _parametrized
+            self._grow_originals(weighted, mod)
+        elif not self.meta and (self.init == "reset" or self._grows(own)):
             for name, t in own:
                 shape = self._shape_of(t)
                 empty = torch.empty(shape, dtype=t.dtype, device=t.device)
@@ -423,7 +435,59 @@ class _Builder:
         for sub in new.modules():  # children of a resized module (a leaf with submodules)
             if sub is not new:
                 self._remap(sub)
+        if weighted is not None:
+            self._parametrized(weighted, mod, new)
         return new
+
+    def _weight_record(self, layer: LayerRecord) -> ParamRecord | None:
+        return self.solution.params.get(layer.params.get("weight", -1))
+
+    def _grow_originals(self, layer: LayerRecord, mod: nn.Module) -> None:
+        """A spectral-norm layer's new output channels: its original takes the default
+        initialisation there (and zeros in new input channels, as any layer), not the zeros a
+        raw tensor gets. (weight_norm's tensors are derived in :meth:`_parametrized`.)"""
+        wrec = self._weight_record(layer)
+        if wrec is None or self.meta or parametrized.norm_dim(mod) is not None:
+            return
+        for frec in self.solution.followers.get(id(wrec.tensor), []):
+            if tuple(frec.tensor.shape) != tuple(wrec.tensor.shape):
+                continue
+            maps = self.maps(frec)
+            if id(frec.tensor) in self.tensors or not any(
+                m is not None and (m < 0).any() for m in maps
+            ):
+                continue
+            old = frec.tensor
+            init = _default_weight(_new_shape(frec, maps), old)
+            self.tensors[id(old)] = _as_param(_gather(old, maps, frec.roles, init), old)
+
+    def _parametrized(self, layer: LayerRecord, mod: nn.Module, new: nn.Module) -> None:
+        """Finish a resized parametrized layer (see :mod:`fxconet.passes.parametrized`): the
+        weight_norm tensors come from the old weight resized as a plain layer's; the spectral
+        norm's ``_v`` follows the weight matrix's kept columns; ``init="reset"`` re-initialises
+        the layer, the weight through its parametrization."""
+        wrec = self._weight_record(layer)
+        if wrec is None:
+            return
+        maps = [self.plan.positions(layout) for layout in wrec.dims]
+        sp = parametrized.spectral(new)
+        if sp is not None:
+            parametrized.spectral_vectors(sp[1], tuple(wrec.tensor.shape), maps, meta=self.meta)
+        if self.meta:
+            return
+        if self.init == "reset":
+            reset = getattr(new, "reset_parameters", None)
+            with torch.no_grad():
+                if callable(reset):
+                    reset()  # the bias (the weight it writes is computed, then dropped)
+            parametrized.reset_weight(new)
+        elif parametrized.norm_dim(new) is not None:
+            old = parametrized.computed(mod)
+            full = [None if len(m) == n and (m == np.arange(n)).all() else m
+                    for m, n in zip(maps, old.shape, strict=True)]  # fmt: skip
+            grows = any(m is not None and (m < 0).any() for m in full)
+            fresh = _default_weight(_new_shape(wrec, full), old) if grows else None
+            parametrized.set_weight_norm(new, _gather(old, full, wrec.roles, fresh))
 
     def _shape_of(self, t: torch.Tensor) -> tuple[int, ...]:
         rec = self.solution.params.get(id(t))

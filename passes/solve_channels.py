@@ -22,6 +22,7 @@ from fxconet import ops as _ops
 from fxconet.errors import ChannelError
 from fxconet.ir import ChannelGraph, ChannelGroup, Deferred, EdgeInfo, LayerInfo, TensorInfo
 from fxconet.ops.layout import Block, Dims, Layout, is_layout, iter_layouts
+from fxconet.passes import parametrized
 from fxconet.passes.nodes import META_KEY, NodeInfo, Traced, describe_node, get_attr, has_submodule
 from fxconet.passes.slots import Conflict, Slots
 
@@ -83,6 +84,9 @@ class Solution:
     leaf_of: list[int] = field(default_factory=list)  # group id -> leaf var
     unit: list[int] = field(default_factory=list)  # group id -> channels per base slot
     needs_probe: bool = False
+    # id(parametrized weight) -> records of the tensors it is computed from (they resize with it)
+    followers: dict[int, list[ParamRecord]] = field(default_factory=dict)
+    computed_by: dict[int, nn.Module] = field(default_factory=dict)  # id(weight) -> its layer
     # True once a rewrite of this trace found no dead code, where no node is rewritten (the
     # graph copied for a resize is then the traced one, and dead-code elimination is skipped)
     free_of_dead_code: bool = False
@@ -230,19 +234,28 @@ class RuleContext:
         mod = module if module is not None else self.module
         if mod is None:
             raise AssertionError("param() needs a module")
-        t = getattr(mod, name, None)
+        t = self._solver.tensor_attr(mod, name)
         if not isinstance(t, torch.Tensor):
             return None
         layer = self.layer()
         layer.params[name] = id(t)
-        return self._solver.param_dims(t, f"{self.path}.{name}" if self.path else name, like)
+        path = f"{self.path}.{name}" if self.path else name
+        dims = self._solver.param_dims(t, path, like)
+        if parametrize.is_parametrized(mod, name):
+            self._solver.follow_weight(mod, t, dims, path)
+        return dims
 
     def role(self, name: str, dim: int, role: str) -> None:
         """Mark dim ``dim`` of parameter ``name`` as the layer's "in" or "out" channels."""
-        t = getattr(self.module, name)
-        self._solver.params[id(t)].roles[dim] = role
+        assert self.module is not None
+        t = self._solver.tensor_attr(self.module, name)
+        rec = self._solver.params[id(t)]
+        rec.roles[dim] = role
         if role == "out" and self.is_conv:
-            self._solver.params[id(t)].producer = True
+            rec.producer = True
+        for other in self._solver.followers.get(id(t), ()):  # a parametrized weight's originals
+            if other.tensor.dim() == rec.tensor.dim():
+                other.roles[dim] = role
 
     def layer(self, kind: str | None = None) -> LayerRecord:
         """The :class:`LayerRecord` of this node's module (created on first use)."""
@@ -403,6 +416,10 @@ class _Solver:
         self.slots = Slots()
         self.dims: dict[str, Any] = {}
         self.params: dict[int, ParamRecord] = {}
+        # a parametrized layer's computed weight, read once (each read computes a new tensor)
+        self.computed: dict[tuple[int, str], torch.Tensor] = {}
+        self.followers: dict[int, list[ParamRecord]] = {}  # id(weight) -> its originals' records
+        self.computed_by: dict[int, nn.Module] = {}  # id(weight) -> the layer computing it
         self.layers: dict[str, LayerRecord] = {}
         self.rewrites: dict[str, list[Rewrite]] = {}
         self.kinds: dict[str, str] = {}
@@ -417,6 +434,43 @@ class _Solver:
         unknown = [p for p in self.freeze_paths if not has_submodule(traced.root, p)]
         if unknown:
             raise KeyError(f"freeze= names unknown module paths {sorted(unknown)}")
+
+    def tensor_attr(self, mod: nn.Module, name: str) -> Any:
+        """``getattr(mod, name)``; a parametrized tensor is computed once and remembered."""
+        if not parametrize.is_parametrized(mod, name):
+            return getattr(mod, name, None)
+        key = (id(mod), name)
+        hit = self.computed.get(key)
+        if hit is None:
+            hit = self.computed[key] = parametrized.computed(mod, name)
+            self.computed_by[id(hit)] = mod
+        return hit
+
+    def follow_weight(self, mod: nn.Module, weight: torch.Tensor, dims: Dims, path: str) -> None:
+        """Records for the tensors a parametrized weight is computed from (see
+        :mod:`fxconet.passes.parametrized`), whose dims follow the weight's ``dims``."""
+        if id(weight) in self.followers or parametrized.resizable(mod) is not None:
+            return
+        owner = path.rpartition(".")[0]
+        recs = []
+        for name, t in parametrized.originals(mod):
+            odims = tuple(
+                d if t.shape[k] == weight.shape[k] else self.slots.layout(1, reason="broadcast dim")
+                for k, d in enumerate(dims)
+            )
+            recs.append(self._follower(t, odims, f"{owner}.{name}" if owner else name))
+        sp = parametrized.spectral(mod)
+        if sp is not None:
+            sub, sn = sp
+            u = sn._u
+            recs.append(self._follower(u, (dims[int(sn.dim)],), f"{owner}.{sub}._u"))
+        self.followers[id(weight)] = recs
+
+    def _follower(self, t: torch.Tensor, dims: Dims, path: str) -> ParamRecord:
+        rec = self.params.get(id(t))
+        if rec is None:
+            rec = self.params[id(t)] = ParamRecord(path=path.lstrip("."), tensor=t, dims=dims)
+        return rec
 
     def param_dims(
         self,
@@ -521,7 +575,11 @@ class _Solver:
         module = self.traced.module(str(node.target)) if node.op == "call_module" else None
         ctx = RuleContext(self, node, module)
         rule = _ops.lookup(node, module)
-        if module is not None and parametrize.is_parametrized(module):
+        if (
+            module is not None
+            and parametrize.is_parametrized(module)
+            and parametrized.resizable(module) is not None
+        ):
             rule = None  # its weights are computed: called whole, as an opaque op (frozen)
         if rule is None:
             out = ctx.opaque() if _has_tensor(value) or ctx.tensor_args() else None
@@ -626,6 +684,8 @@ def solve_channels(
         provenance=solver.provenance,
         notes=solver.notes,
         needs_probe=solver.needs_probe,
+        followers=solver.followers,
+        computed_by=solver.computed_by,
     )
     return build_graph(solution, name or traced.name), solution
 

@@ -24,7 +24,7 @@ import torch.fx
 from torch import nn
 
 from fxconet.errors import TraceError, first_line
-from fxconet.passes import fx_compat
+from fxconet.passes import fx_compat, parametrized
 from fxconet.passes.module_copy import structural_copy, to_meta
 from fxconet.passes.nodes import (
     KWONLY_KEY,
@@ -429,7 +429,7 @@ def _refuse_unsupported(model: nn.Module, kept: frozenset[str] = frozenset()) ->
         if _within(path, kept):
             continue
         where = f"module `{path}` ({type(m).__name__})" if path else f"the root ({name})"
-        if parametrize.is_parametrized(m):
+        if parametrize.is_parametrized(m) and (not path or parametrized.resizable(m) is not None):
             tensors = sorted(m.parametrizations.keys())  # type: ignore[union-attr, operator]
             raise TraceError(
                 f"{where} has parametrized tensors {tensors} (torch.nn.utils.parametrize: "
@@ -631,7 +631,9 @@ def kept_modules(model: nn.Module, hooks: str) -> tuple[dict[str, str], list[str
     """The submodules of ``model`` (not the model itself) that an analysis calls whole, each
     with the reason its widths stay frozen, and the paths of the hooked ones.
 
-    Kept: modules with parametrized tensors (``torch.nn.utils.parametrize``) always; modules
+    Kept: modules with parametrized tensors (``torch.nn.utils.parametrize``) that do not resize
+    (:func:`fxconet.passes.parametrized.resizable`: weight_norm/spectral_norm convs and linears
+    do); modules
     with forward, forward-pre or backward hooks when ``hooks == "freeze"``. Only the outermost
     of nested ones are listed (the inner ones are kept whole with them), in one walk.
     """
@@ -642,11 +644,12 @@ def kept_modules(model: nn.Module, hooks: str) -> tuple[dict[str, str], list[str
     for path, mod in model.named_modules():
         if not path or _within(path, kept):
             continue
-        if parametrize.is_parametrized(mod):
-            tensors = sorted(mod.parametrizations.keys())  # type: ignore[union-attr, operator]
+        why = parametrized.resizable(mod) if parametrize.is_parametrized(mod) else None
+        if why is not None:
             kept[path] = (
-                f"`{path}` has parametrized tensors {tensors} (torch.nn.utils.parametrize): "
-                "kept as written, widths frozen (fxconet does not resize parametrized tensors)"
+                f"`{path}` has {why} (torch.nn.utils.parametrize): kept as written, widths "
+                "frozen (fxconet resizes weight_norm and spectral_norm weights of convs and "
+                "linears only)"
             )
         elif not _within(path, hooked) and (
             mod._forward_hooks
@@ -665,14 +668,14 @@ def kept_modules(model: nn.Module, hooks: str) -> tuple[dict[str, str], list[str
 
 def parametrized_notes(kept: Mapping[str, str], hooked: Sequence[str]) -> list[str]:
     """A note naming the kept modules that are kept for their parametrized tensors."""
-    parametrized = [p for p in kept if p not in hooked]
-    if not parametrized:
+    paths = [p for p in kept if p not in hooked]
+    if not paths:
         return []
     return [
-        f"{len(parametrized)} module(s) have parametrized tensors ({_shown(parametrized)}): each "
+        f"{len(paths)} module(s) have parametrized tensors ({_shown(paths)}): each "
         "is kept as written, called as one op with its input and output widths frozen (fxconet "
-        "does not resize parametrized tensors; remove_parametrizations before analyze to "
-        "resize them)"
+        "resizes only weight_norm and spectral_norm weights of convs and linears; "
+        "remove_parametrizations before analyze to resize the others)"
     ]
 
 

@@ -5,6 +5,8 @@ branch that goes another way under tracing (MONAI BasicUNet)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -265,9 +267,17 @@ def _three() -> nn.Sequential:
     )  # fmt: skip
 
 
+class _Doubled(nn.Module):
+    """A user-written parametrization: fxconet cannot know how its channels map."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
 REPARAMETRIZE = {
-    "weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m),
-    "spectral_norm": lambda m: torch.nn.utils.parametrizations.spectral_norm(m),
+    "user_parametrization": lambda m: torch.nn.utils.parametrize.register_parametrization(
+        m, "weight", _Doubled()
+    ),
     "legacy_weight_norm": lambda m: torch.nn.utils.weight_norm(m),
     "legacy_spectral_norm": lambda m: torch.nn.utils.spectral_norm(m),
 }
@@ -292,6 +302,62 @@ def test_reparametrized_layers_are_kept_as_written_and_frozen(kind):
         shrunk = fxconet.resize(graph, {free.id: 3})
         assert shrunk(x).shape == reference.shape
         assert type(shrunk.get_submodule("2")) is type(model[2])  # the layer as written
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _normed() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.ConvTranspose2d(8, 8, 2, stride=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 16 * 16, 10),
+    )  # fmt: skip
+
+
+P = torch.nn.utils.parametrizations
+NORMS = {
+    "weight_norm": P.weight_norm,
+    "weight_norm_dim1": lambda m: P.weight_norm(m, dim=1),
+    "spectral_norm": P.spectral_norm,
+}
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("kind", list(NORMS))
+def test_weight_and_spectral_norm_layers_resize_through_their_parametrization(kind, training):
+    torch.manual_seed(0)
+    model = _normed().train(training)
+    for i in (0, 3, 5, 8):  # conv, conv, transposed conv, linear
+        NORMS[kind](model[i])
+    x = torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph = fxconet.analyze(model, x)
+    assert [g.producers for g in graph.free] == [("0",), ("3",), ("5",)]
+    assert all(r.ok for r in fxconet.testing.check_all(model, x)), kind  # identity, zero removal
+    shrunk = fxconet.resize(graph, {g.id: 5 for g in graph.free})
+    grown = fxconet.resize(graph, {g.id: 12 for g in graph.free})
+    with torch.no_grad():  # new channels do not change the output (eval: no power iteration)
+        torch.testing.assert_close(
+            copy.deepcopy(grown).eval()(x), copy.deepcopy(model).eval()(x), rtol=1e-4, atol=1e-5
+        )
+    for gm, width in ((shrunk, 5), (grown, 12)):
+        layer = gm.get_submodule("3")
+        assert type(layer) is type(model[3])  # still parametrized the same way
+        assert layer.weight.shape == (width, width, 3, 3)
+        if kind == "spectral_norm":
+            sn = layer.parametrizations.weight[0]
+            assert sn._u.shape == (width,) and sn._v.shape == (width * 9,)
+        else:
+            g = layer.parametrizations.weight.original0
+            assert g.shape == ((width, 1, 1, 1) if kind == "weight_norm" else (1, width, 1, 1))
+        out = gm(x)
+        assert out.shape == (2, 10) and torch.isfinite(out).all()
+    reset = fxconet.resize(graph, {g.id: 5 for g in graph.free}, init="reset")
+    layer = reset.get_submodule("3")
+    assert not torch.allclose(layer.weight, shrunk.get_submodule("3").weight)
+    loss = reset(x).square().mean()
+    loss.backward()  # trains through the parametrization
+    assert all(p.grad is not None for p in reset.parameters() if p.requires_grad)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
