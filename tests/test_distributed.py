@@ -75,6 +75,69 @@ def test_two_ranks_end_with_the_same_widths_and_weights(tmp_path, method):
     assert len(list(out.glob("trial_*.json"))) == len(report["history"]) == 2
 
 
+def _greedy_worker(rank: int, world: int, folder: str, lazy: bool) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous{world}", rank=rank, world_size=world
+    )
+    try:
+        import warnings
+
+        import fxconet
+        from fxconet.models import cifar_resnet20
+        from fxconet.strategies import greedy
+
+        calls = []
+        scored = greedy.candidate_loss
+        greedy.candidate_loss = lambda *a, **k: calls.append(1) or scored(*a, **k)  # count
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an untrained net: its losses still rank the moves
+            result = fxconet.optimize_channels(
+                cifar_resnet20(in_channels=1),
+                data="digits",
+                method="greedy",
+                target_macs=0.8,
+                lazy=lazy,
+                calib_batches=1,
+                eval_batches=1,
+                score_batch_size=64,
+                epochs=0,
+                progress=False,
+                out=Path(folder) / f"out{world}",
+            )
+        torch.save(
+            {"widths": result.widths, "calls": len(calls), "steps": len(result.history)},
+            Path(folder) / f"g{world}-{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_greedy_scoring_is_split_over_the_ranks(tmp_path, lazy):
+    mp.spawn(_greedy_worker, args=(1, str(tmp_path), lazy), nprocs=1, join=True)
+    mp.spawn(_greedy_worker, args=(2, str(tmp_path), lazy), nprocs=2, join=True)
+    one, a, b = (
+        torch.load(tmp_path / f"g{k}.pt", weights_only=True) for k in ("1-0", "2-0", "2-1")
+    )
+    assert a["widths"] == b["widths"]  # the ranks agree
+    assert 0 < a["calls"] < one["calls"] and 0 < b["calls"] < one["calls"]  # each scored a share
+    if not lazy:  # every candidate scored at every step: the same search as one process
+        assert a["widths"] == one["widths"]
+        # the candidates are split; only the starting loss and a step's narrowest fit (when
+        # the full step undershoots the budget) are scored on every rank
+        assert one["calls"] <= a["calls"] + b["calls"] <= one["calls"] + 1 + one["steps"]
+        assert max(a["calls"], b["calls"]) < 0.7 * one["calls"]
+
+
+def test_map_shards_outside_a_job_is_the_plain_loop():
+    from fxconet import distributed
+
+    assert distributed.map_shards(lambda x: x * 10, [3, 1, 2]) == [30, 10, 20]
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_is_a_clear_error(monkeypatch):
     from fxconet import distributed
     from fxconet.errors import DataError

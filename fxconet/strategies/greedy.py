@@ -19,7 +19,9 @@ Cost: one candidate costs a resize and a forward pass over ``calib_batches + eva
 batches. With ``lazy=True`` (the default) the search re-scores only the best candidates of the
 previous step until the best one is fresh (lazy greedy): a group's loss increase changes little
 when another group shrinks, so a step needs a few evaluations instead of one per group;
-``lazy=False`` re-scores every candidate at every step.
+``lazy=False`` re-scores every candidate at every step. Under torchrun the candidates of a step
+are split over the ranks (:func:`fxconet.distributed.map_shards`); the lazy search then
+re-scores the N best stale candidates at once.
 
 Each step is checkpointed in ``out`` (one ``trial_NNN.json``), so a killed search resumes.
 """
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxconet import distributed
 from fxconet.api import resize
 from fxconet.cost import Budget, CostModel
 from fxconet.data import as_loader
@@ -288,6 +291,18 @@ def greedy_search(
         search.evaluations += 1
         return candidate_loss(graph, widths, calib, batches, device)
 
+    def rescore(gids: list[int], moves: Mapping[int, dict[int, int]]) -> None:
+        """Score the moves of ``gids`` (under torchrun split over the ranks, each scoring its
+        share; every rank gets every loss) and cache their loss increases."""
+        losses = distributed.map_shards(
+            lambda gid: candidate_loss(graph, moves[gid], calib, batches, device),
+            gids,
+            "greedy's scoring of candidates",
+        )
+        search.evaluations += len(gids)
+        for gid, loss in zip(gids, losses, strict=True):
+            search.cache[gid] = (loss - search.loss, search.version)
+
     if math.isnan(search.loss):
         search.loss = score(search.widths)
     classes = 1 + max(int(y.max()) for _, y in batches)
@@ -321,16 +336,17 @@ def greedy_search(
                 """Loss increase per unit of binding cost saved (lower is better)."""
                 return search.cache[gid][0] / saved[gid] if saved[gid] > 0 else math.inf
 
-            for gid in moves:
-                if gid not in search.cache:
-                    search.cache[gid] = (score(moves[gid]) - search.loss, search.version)
-            if config.lazy:  # re-score the best until the best is fresh
-                while search.cache[best := min(moves, key=ratio)][1] != search.version:
-                    search.cache[best] = (score(moves[best]) - search.loss, search.version)
+            rescore([gid for gid in moves if gid not in search.cache], moves)
+            if config.lazy:  # re-score the best until the best is fresh (N at once on N ranks)
+                while True:
+                    order = sorted(moves, key=ratio)
+                    best = order[0]
+                    if search.cache[best][1] == search.version:
+                        break
+                    stale = [g for g in order if search.cache[g][1] != search.version]
+                    rescore(stale[: distributed.world_size()], moves)
             else:
-                for gid in moves:
-                    if search.cache[gid][1] != search.version:
-                        search.cache[gid] = (score(moves[gid]) - search.loss, search.version)
+                rescore([g for g in moves if search.cache[g][1] != search.version], moves)
                 best = min(moves, key=ratio)
             increase = search.cache.pop(best)[0]
             loss_before = search.loss
