@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_sum",
+    "average_gradients",
     "barrier",
     "broadcast_object",
     "collectives",
@@ -38,6 +40,7 @@ __all__ = [
     "local_device",
     "map_shards",
     "rank",
+    "shard_batch",
     "user_code",
     "world_size",
 ]
@@ -178,6 +181,61 @@ def map_shards(
     for r, part in enumerate(parts):
         out[r::world] = part
     return out
+
+
+def shard_batch(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This rank's part of a global batch (the ``rank``-th of ``N`` near-equal slices along
+    dim 0; every rank must hold the same batch, e.g. from one seeded loader). Outside a job
+    the tensors as given.
+
+    Example:
+        >>> shard_batch(torch.arange(4))   # outside a job
+        (tensor([0, 1, 2, 3]),)
+    """
+    if not is_distributed():
+        return tensors
+    r, n = rank(), world_size()
+    return tuple(t.tensor_split(n)[r] for t in tensors)
+
+
+def all_sum(values: Sequence[float], what: str = "a sum over the ranks") -> list[float]:
+    """The sums over the ranks of a few numbers (each rank's ``values`` outside a job).
+
+    Example:
+        >>> all_sum([3.0, 4.0])   # outside a job
+        [3.0, 4.0]
+    """
+    if not is_distributed():
+        return [float(v) for v in values]
+    device = local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    with collectives(what):
+        dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
+def average_gradients(params: Sequence[torch.Tensor], count: int, what: str) -> None:
+    """Replace every rank's gradients of ``params`` by their mean over the global batch,
+    ``sum_r count_r * grad_r / sum_r count_r`` (``count``: this rank's examples, whose mean loss
+    gave its gradients; a missing gradient counts as zero). A no-op outside a job.
+
+    Example:
+        >>> average_gradients(model_parameters, count=len(y), what="training")   # after backward
+    """
+    if not is_distributed() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
+    flat = torch.cat([flat * float(count), flat.new_tensor([float(count)])])
+    with collectives(what):
+        dist.all_reduce(flat)
+    total = float(flat[-1])
+    flat = flat[:-1] / max(total, 1.0)
+    off = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[off : off + n].view_as(g).to(g.dtype)
+        off += n
 
 
 def local_device() -> torch.device:

@@ -132,10 +132,75 @@ def test_greedy_scoring_is_split_over_the_ranks(tmp_path, lazy):
         assert max(a["calls"], b["calls"]) < 0.7 * one["calls"]
 
 
+def _aps_worker(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/rendezvous{world}", rank=rank, world_size=world
+    )
+    try:
+        import fxconet
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(  # no BatchNorm: two ranks must equal one process
+            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, padding=1, stride=2), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+        )  # fmt: skip
+        result = fxconet.optimize_channels(
+            net,
+            data="digits",
+            method="aps",
+            warmup_epochs=1,
+            search_epochs=2,
+            max_batches_per_epoch=4,
+            batch_size=32,
+            reward_samples=2,
+            epochs=0,
+            init="search",
+            progress=False,
+            out=Path(folder) / f"aps{world}",
+        )
+        keys = ("train_loss", "reward", "phi", "widths")
+        torch.save(
+            {
+                "widths": result.widths,
+                "history": [[h[k] for k in keys] for h in result.history],
+                "state": result.model.state_dict(),
+            },
+            Path(folder) / f"aps{world}-{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_aps_under_two_ranks_is_the_one_process_search(tmp_path):
+    mp.spawn(_aps_worker, args=(1, str(tmp_path)), nprocs=1, join=True)
+    mp.spawn(_aps_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    one, a, b = (
+        torch.load(tmp_path / f"aps{k}.pt", weights_only=False) for k in ("1-0", "2-0", "2-1")
+    )
+    assert a["widths"] == b["widths"] == one["widths"]
+    assert a["history"] == b["history"]  # rank 0's numbers everywhere
+    for x, y in zip(a["history"], one["history"], strict=True):  # each rank half of each batch
+        assert x[3] == y[3]  # the same likely widths every epoch
+        for u, v in zip(x[:3], y[:3], strict=True):
+            assert u == v or abs(u - v) <= 1e-4 * max(1.0, abs(v))
+    for k, t in one["state"].items():  # the decoded weights: the same training, summed apart
+        torch.testing.assert_close(a["state"][k], t, rtol=1e-4, atol=1e-5)
+        assert torch.equal(a["state"][k], b["state"][k])
+
+
 def test_map_shards_outside_a_job_is_the_plain_loop():
     from fxconet import distributed
 
     assert distributed.map_shards(lambda x: x * 10, [3, 1, 2]) == [30, 10, 20]
+    x = torch.arange(5)
+    (same,) = distributed.shard_batch(x)
+    assert same is x and distributed.all_sum([1, 2.5]) == [1.0, 2.5]
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    distributed.average_gradients([p], count=7, what="a test")
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_a_clear_error(monkeypatch):

@@ -174,6 +174,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fxconet import distributed
 from fxconet.api import resize
 from fxconet.cost import CostModel
 from fxconet.data import as_loader
@@ -1387,7 +1388,12 @@ def aps_search(
         raise SearchError("the APS search needs training data (data=...); a train_fn is not used")
     started = time.perf_counter()
     train_config = train_config or TrainConfig()
-    device = select_device(train_config.device)
+    sharded = distributed.is_distributed()  # torchrun: each rank a slice of every batch
+    device = select_device(
+        distributed.local_device()
+        if sharded and train_config.device is None
+        else train_config.device
+    )
     cands = candidate_widths(graph, config.candidates)
     if not cands:
         raise SearchError(f"{graph.model_name} has no free channel group to search")
@@ -1507,17 +1513,30 @@ def aps_search(
             )
             supernet.train()
             for x, y in inner:
+                if sharded and len(y) < distributed.world_size():
+                    continue  # a last batch too small to split (every rank skips it)
+                # under torchrun every rank draws the same global batch and takes its slice
+                x, y = distributed.shard_batch(x, y)
                 x, y = x.to(device), y.to(device)
                 if searching:
-                    xv, yv = (x, y) if val_iter is None else next(val_iter)
+                    xv, yv = (
+                        (x, y) if val_iter is None else distributed.shard_batch(*next(val_iter))
+                    )
                     xv, yv = xv.to(device), yv.to(device)
-                    samples = []
+                    drawn = []
                     for _ in range(config.reward_samples):
                         actions, logp, ent = controller.sample(budget, generator=gen)
                         choice = choice_of(actions)
                         with torch.no_grad():
-                            pred = supernet(choice, xv).argmax(1)
-                        acc = float((pred == yv).float().mean())
+                            pred = supernet(choice, xv).argmax(1) if len(yv) else yv
+                        drawn.append((logp, ent, choice, float((pred == yv).sum())))
+                    # the rewards' accuracies over the global batch: equal on every rank
+                    counts = distributed.all_sum(
+                        [c for *_, c in drawn] + [float(len(yv))], "APS's rewards"
+                    )
+                    samples = []
+                    for (logp, ent, choice, _), correct in zip(drawn, counts, strict=False):
+                        acc = correct / max(counts[-1], 1.0)
                         f = macs(supernet.widths(choice))
                         samples.append((logp, ent, reward(acc, f)))
                         accs.append(acc)
@@ -1542,6 +1561,7 @@ def aps_search(
                 loss = F.cross_entropy(logits, y)
                 opt_w.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(supernet.parameters(), len(y), "APS's training")
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(supernet.parameters(), config.grad_clip)
                 opt_w.step()
@@ -1566,6 +1586,15 @@ def aps_search(
                         cosines.append(cos)
                 step += 1
             inner.close()
+            if distributed.is_distributed():
+                sums = dict(zip(sums, distributed.all_sum(list(sums.values())), strict=True))
+                # BatchNorm statistics are per rank (as under DDP): rank 0's go everywhere, and
+                # with them its projections and controller, so the ranks cannot drift apart
+                state = distributed.broadcast_object(
+                    {"supernet": supernet.state_dict(), "controller": controller.state_dict()}
+                )
+                supernet.load_state_dict(state["supernet"])
+                controller.load_state_dict(state["controller"])
             if sums["seen"] == 0:
                 raise SearchError("training data yielded no batch")
             greedy, _, _ = controller.sample(budget, greedy=True)
