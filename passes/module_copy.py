@@ -109,12 +109,18 @@ def shallow_copy(m: nn.Module) -> nn.Module:
     return new
 
 
+#: attribute types a structural copy copies (shallowly), so that a forward writing into them
+#: (``self.cache[key] = x``: timm's attention-bias caches) writes into the copy's
+_CONTAINERS = (dict, list, set)
+
+
 def structural_copy(model: nn.Module, paths: dict[str, nn.Module] | None = None) -> nn.Module:
     """Copy the module tree but share parameters, buffers and other attribute values.
 
-    Tracing must not touch the user's modules (a forward that assigns ``self.cache = x`` would
-    store a Proxy on them), and copying the weights would cost memory and time. Each module is
-    copied shallowly with its own ``__dict__`` and its own child/parameter/buffer dicts.
+    Tracing must not touch the user's modules (a forward that assigns ``self.cache = x`` or
+    ``self.cache[key] = x`` would store a Proxy on them), and copying the weights would cost
+    memory and time. Each module is copied shallowly with its own ``__dict__``, its own
+    child/parameter/buffer dicts, and its own copy of every plain dict, list and set attribute.
     ``paths``, when given, receives every copy by its module path (``""`` for the root; the
     children of a module reached twice only under its first path).
 
@@ -136,6 +142,9 @@ def structural_copy(model: nn.Module, paths: dict[str, nn.Module] | None = None)
         if paths is not None:
             paths[path] = new
         d = new.__dict__
+        for key, value in m.__dict__.items():
+            if type(value) in _CONTAINERS:  # a cache the forward fills must not fill the user's
+                d[key] = type(value)(value)
         d["_parameters"] = dict(m._parameters)
         d["_buffers"] = dict(m._buffers)
         prefix = f"{path}." if path else ""

@@ -530,3 +530,32 @@ def test_check_all_runs_on_batch_one_through_a_pooled_batch_norm():
     results = check_all(model, x)
     assert [r.name for r in results] == ["identity", "random", "zero-removal"]
     assert all(r.ok for r in results), results
+
+
+class _CachedBias(nn.Module):
+    """timm's attention-bias cache: the forward stores a computed tensor in a dict attribute
+    (in eval mode), and reads it back on the next call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias[:, None, None] * 2
+        return self.head(torch.relu(self.conv(x) + self.cache[key]))
+
+
+def test_a_forward_that_fills_a_dict_cache_leaves_the_users_dict_alone():
+    model = _CachedBias().eval()
+    x = torch.randn(1, 3, 8, 8)
+    fxconet.analyze(model, x)
+    assert model.cache == {}  # no Proxy stored on the user's model
+    graph = fxconet.analyze(model, x)  # a second analysis does not read a stale one
+    with torch.no_grad():
+        torch.testing.assert_close(fxconet.resize(graph, {})(x), model(x))
+    assert all(r.ok for r in check_all(model, x))  # also once the model's own call filled it
