@@ -142,10 +142,41 @@ def test_cli_target_macs(tmp_path, capsys):
     assert "--target-macs" in capsys.readouterr().err
 
 
-def test_with_a_budget_and_no_method_the_default_is_uniform_scaling():
+def test_with_a_budget_and_no_method_the_default_is_uniform_scaling_without_data():
     from fxconet.optimize import default_method
 
     result = fxconet.optimize_channels(cifar_resnet20(in_channels=1), X, target_macs=0.5)
     assert result.method == "uniform"
+    assert default_method(has_data=True, has_budget=True) == "greedy"
     assert default_method(has_data=True, has_budget=False) == "conet"
     assert default_method(has_data=False, has_budget=False) == "static"
+
+
+def _small_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+def test_with_a_budget_and_data_the_default_is_greedy_and_uniform_for_an_untrained_model():
+    untrained = _small_net()
+    options = dict(data="digits", target_macs=0.5, progress=False, eval_batches=1)
+    result = fxconet.optimize_channels(untrained, **options)
+    assert result.method == "greedy" and result.history == ()  # no move scored
+    assert result.extra["greedy"]["untrained"] is True
+    uniform = fxconet.optimize_channels(untrained, method="uniform", data="digits", target_macs=0.5)
+    assert result.widths == uniform.widths
+    # trained (a few epochs on the digits): the default searches
+    from fxconet.train import TrainConfig, train
+
+    trained = _small_net()
+    train(trained, "digits", TrainConfig(epochs=3, batch_size=32, lr=0.05), progress=False)
+    searched = fxconet.optimize_channels(trained, **options)
+    assert searched.method == "greedy" and len(searched.history) > 0
+    assert abs(searched.macs_after / searched.macs_before - 0.5) <= 0.02
+    with pytest.warns(UserWarning, match="about that of guessing"):  # asked for: it searches
+        asked = fxconet.optimize_channels(untrained, method="greedy", **options)
+    assert len(asked.history) > 0

@@ -101,3 +101,16 @@ def test_a_format_that_cannot_hold_the_model_loses_no_other(tmp_path, capsys, mo
     assert "--save safe: a layer cannot be written as data" in captured.err
     assert (tmp_path / "model.pt2").is_file() and (tmp_path / "report.json").is_file()
     assert "Traceback" not in captured.err
+
+
+def test_with_a_budget_and_no_method_the_command_runs_greedy_and_scales_an_untrained_model(
+    tmp_path,
+):
+    status = main(
+        ["optimize", "cifar_resnet20", "--data", "digits", "--target-macs", "50%",
+         "--eval-batches", "1", "--save", "none", "--out", str(tmp_path), *FAST]
+    )  # fmt: skip
+    assert status == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["method"] == "greedy" and report["greedy"]["untrained"] is True
+    assert report["budget"]["within_tolerance"]

@@ -73,6 +73,11 @@ class GreedyConfig:
         score_batch_size: batch size of those batches.
         lazy: re-score only the best candidates of the previous step until the best one is
             fresh (lazy greedy); False re-scores every candidate at every step.
+        untrained: what to do when the model's held-out loss is about that of guessing (an
+            untrained model, whose losses cannot rank the moves): ``"warn"`` searches anyway
+            with a warning; ``"uniform"`` makes no move, so the budget scales every group by one
+            factor (uniform scaling), with a note (what ``optimize_channels`` does when it
+            chose greedy itself).
         seed: seeds which batches are drawn.
     """
 
@@ -82,6 +87,7 @@ class GreedyConfig:
     eval_batches: int = 4
     score_batch_size: int = 256
     lazy: bool = True
+    untrained: str = "warn"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +99,10 @@ class GreedyConfig:
             raise ValueError(f"GreedyConfig.calib_batches={self.calib_batches!r}: must be >= 0")
         if self.eval_batches < 1:
             raise ValueError(f"GreedyConfig.eval_batches={self.eval_batches!r}: must be >= 1")
+        if self.untrained not in ("warn", "uniform"):
+            raise ValueError(
+                f"GreedyConfig.untrained={self.untrained!r}: choose 'warn' or 'uniform'"
+            )
         if self.score_batch_size < 1:
             raise ValueError(
                 f"GreedyConfig.score_batch_size={self.score_batch_size!r}: must be >= 1"
@@ -306,7 +316,24 @@ def greedy_search(
     if math.isnan(search.loss):
         search.loss = score(search.widths)
     classes = 1 + max(int(y.max()) for _, y in batches)
-    if classes > 1 and search.loss > 0.9 * math.log(classes):
+    untrained = classes > 1 and search.loss > 0.9 * math.log(classes)
+    if untrained and config.untrained == "uniform":
+        note = (
+            f"greedy slimming of {graph.model_name}: its held-out loss {search.loss:.3f} is about "
+            f"that of guessing among {classes} classes ({math.log(classes):.3f}) (untrained "
+            "weights?), so no move was scored: the budget scales every group alike (uniform "
+            "scaling). Pass a trained model for the search"
+        )
+        if log is not None:
+            log(note)
+        widths = dict(search.widths)
+        return SearchOutcome(
+            widths=widths,
+            extra={"greedy": {"start_loss": search.loss, "untrained": True, "note": note}},
+            config=asdict(config),
+            allocation={k: float(v) for k, v in widths.items()},
+        )
+    if untrained:
         warnings.warn(
             f"greedy slimming of {graph.model_name}: its held-out loss {search.loss:.3f} is about "
             f"that of guessing among {classes} classes ({math.log(classes):.3f}), so the losses "
