@@ -485,8 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             budget = args.target_macs is not None or args.target_params is not None
             args.method = default_method(has_data=True, has_budget=budget)
-            if args.method == "greedy" and args.method__untrained is None:
-                args.method__untrained = "uniform"  # an untrained model: uniform scaling
+            if args.method == "greedy" and args.method__fallback is None:
+                args.method__fallback = "uniform"  # an untrained model: uniform scaling
         method_options = _method_options(args, flags, optimize)
         _check_config(args.method, method_options, args.seed, optimize)
     try:

@@ -65,12 +65,13 @@ def default_method(has_data: bool, has_budget: bool) -> str:
     """The method ``optimize_channels`` runs when none is named.
 
     With a budget and data: ``"greedy"`` (greedy slimming of the trained model, scored on
-    held-out data), run so that an untrained model gets uniform scaling instead
-    (``untrained="uniform"``). Measured in ``benchmarks/search.py`` (ResNet-20 on Fashion-MNIST
-    pruned from a trained network, then fine-tuned; 5 paired seeds): on widths nobody tuned
-    (32 in every stage) greedy beat uniform scaling and Torch-Pruning's magnitude pruning by more
-    than twice the standard error at 25% and 10% of the MACs; on the hand-tuned 16/32/64 widths
-    it tied with them (within 1.1 standard errors); no other method did better anywhere. With a
+    held-out data), run so that an untrained model, or data that cannot score the moves (no
+    targets), gets uniform scaling instead (``fallback="uniform"``). Measured in
+    ``benchmarks/search.py`` (ResNet-20 on Fashion-MNIST pruned from a trained network, then
+    fine-tuned; 5 paired seeds): on widths nobody tuned (32 in every stage) greedy beat uniform
+    scaling and Torch-Pruning's magnitude pruning by more than twice the standard error at 25%
+    and 10% of the MACs; on the hand-tuned 16/32/64 widths it tied with them (within 1.1
+    standard errors); no other method did better anywhere. With a
     budget and no data: ``"uniform"``. Without a budget the method decides the size: CONet's
     search with data (the paper), else static scaling from the model's trained weights.
 
@@ -263,7 +264,7 @@ def optimize_channels(
             options.get("target_macs") is not None or options.get("target_params") is not None,
         )
         if method == "greedy":  # chosen here: an untrained model gets uniform scaling
-            options.setdefault("untrained", "uniform")
+            options.setdefault("fallback", "uniform")
     spec = get_method(method)
     allowed = accepted_options(method)
     unknown = sorted(set(options) - allowed)

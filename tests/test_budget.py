@@ -166,7 +166,7 @@ def test_with_a_budget_and_data_the_default_is_greedy_and_uniform_for_an_untrain
     options = dict(data="digits", target_macs=0.5, progress=False, eval_batches=1)
     result = fxconet.optimize_channels(untrained, **options)
     assert result.method == "greedy" and result.history == ()  # no move scored
-    assert result.extra["greedy"]["untrained"] is True
+    assert result.extra["greedy"]["fallback"] == "uniform"
     uniform = fxconet.optimize_channels(untrained, method="uniform", data="digits", target_macs=0.5)
     assert result.widths == uniform.widths
     # trained (a few epochs on the digits): the default searches
@@ -180,3 +180,21 @@ def test_with_a_budget_and_data_the_default_is_greedy_and_uniform_for_an_untrain
     with pytest.warns(UserWarning, match="about that of guessing"):  # asked for: it searches
         asked = fxconet.optimize_channels(untrained, method="greedy", **options)
     assert len(asked.history) > 0
+
+
+def test_the_default_greedy_scales_uniformly_when_the_data_cannot_score_moves():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images = DataLoader(TensorDataset(torch.randn(64, 1, 8, 8)), batch_size=16)  # no targets
+    seen = []
+
+    def train_fn(model, epochs):
+        seen.append(epochs)
+
+    with pytest.warns(UserWarning, match="cannot score moves"):
+        result = fxconet.optimize_channels(
+            _small_net(), data=images, train_fn=train_fn, target_macs=0.5, progress=False
+        )
+    assert result.method == "greedy" and result.extra["greedy"]["fallback"] == "uniform"
+    with pytest.raises(fxconet.errors.SearchError, match=r"\(input, target\) batches"):
+        fxconet.optimize_channels(_small_net(), data=images, method="greedy", target_macs=0.5)

@@ -112,5 +112,5 @@ def test_with_a_budget_and_no_method_the_command_runs_greedy_and_scales_an_untra
     )  # fmt: skip
     assert status == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["method"] == "greedy" and report["greedy"]["untrained"] is True
+    assert report["method"] == "greedy" and report["greedy"]["fallback"] == "uniform"
     assert report["budget"]["within_tolerance"]

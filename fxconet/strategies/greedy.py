@@ -43,7 +43,7 @@ from fxconet import distributed
 from fxconet.api import resize
 from fxconet.cost import Budget, CostModel
 from fxconet.data import as_loader
-from fxconet.errors import SearchError
+from fxconet.errors import SearchError, first_line
 from fxconet.ir import ChannelGraph, round_width
 from fxconet.passes.module_copy import evaluating
 from fxconet.strategies import SearchContext, SearchOutcome
@@ -73,11 +73,12 @@ class GreedyConfig:
         score_batch_size: batch size of those batches.
         lazy: re-score only the best candidates of the previous step until the best one is
             fresh (lazy greedy); False re-scores every candidate at every step.
-        untrained: what to do when the model's held-out loss is about that of guessing (an
-            untrained model, whose losses cannot rank the moves): ``"warn"`` searches anyway
-            with a warning; ``"uniform"`` makes no move, so the budget scales every group by one
-            factor (uniform scaling), with a note (what ``optimize_channels`` does when it
-            chose greedy itself).
+        fallback: what to do when the moves cannot be scored: the model's held-out loss is
+            about that of guessing (an untrained model), the data has no targets, or the loss
+            cannot be computed on them. ``"none"``: an untrained model is searched anyway with
+            a warning, the others raise. ``"uniform"``: no move is made, so the budget scales
+            every group by one factor (uniform scaling), with a note in the report (what
+            ``optimize_channels`` does when it chose greedy itself).
         seed: seeds which batches are drawn.
     """
 
@@ -87,7 +88,7 @@ class GreedyConfig:
     eval_batches: int = 4
     score_batch_size: int = 256
     lazy: bool = True
-    untrained: str = "warn"
+    fallback: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,10 +100,8 @@ class GreedyConfig:
             raise ValueError(f"GreedyConfig.calib_batches={self.calib_batches!r}: must be >= 0")
         if self.eval_batches < 1:
             raise ValueError(f"GreedyConfig.eval_batches={self.eval_batches!r}: must be >= 1")
-        if self.untrained not in ("warn", "uniform"):
-            raise ValueError(
-                f"GreedyConfig.untrained={self.untrained!r}: choose 'warn' or 'uniform'"
-            )
+        if self.fallback not in ("none", "uniform"):
+            raise ValueError(f"GreedyConfig.fallback={self.fallback!r}: choose 'none' or 'uniform'")
         if self.score_batch_size < 1:
             raise ValueError(
                 f"GreedyConfig.score_batch_size={self.score_batch_size!r}: must be >= 1"
@@ -250,6 +249,28 @@ class _Search:
         self.evaluations = int(state["evaluations"])
 
 
+def _no_move(
+    graph: ChannelGraph, config: GreedyConfig, log: Any, why: str, start_loss: float | None = None
+) -> SearchOutcome:
+    """The outcome of ``fallback="uniform"``: the starting widths, which the budget scales
+    uniformly, and a note saying why no move was scored."""
+    note = (
+        f"greedy slimming of {graph.model_name}: {why}, so no move was scored: the budget "
+        "scales every group alike (uniform scaling). Pass a trained model and (input, target) "
+        "data for the search"
+    )
+    warnings.warn(note, stacklevel=3)
+    if log is not None:
+        log(note)
+    widths = {g.id: g.size for g in graph.free}
+    return SearchOutcome(
+        widths=widths,
+        extra={"greedy": {"start_loss": start_loss, "fallback": "uniform", "note": note}},
+        config=asdict(config),
+        allocation={k: float(v) for k, v in widths.items()},
+    )
+
+
 def greedy_search(
     graph: ChannelGraph,
     cost: CostModel,
@@ -314,25 +335,25 @@ def greedy_search(
             search.cache[gid] = (loss - search.loss, search.version)
 
     if math.isnan(search.loss):
-        search.loss = score(search.widths)
+        try:
+            search.loss = score(search.widths)
+        except Exception as e:
+            if config.fallback != "uniform":
+                raise
+            return _no_move(
+                graph,
+                config,
+                log,
+                f"its loss cannot be computed on the data ({first_line(e)[:200]})",
+            )
     classes = 1 + max(int(y.max()) for _, y in batches)
     untrained = classes > 1 and search.loss > 0.9 * math.log(classes)
-    if untrained and config.untrained == "uniform":
-        note = (
-            f"greedy slimming of {graph.model_name}: its held-out loss {search.loss:.3f} is about "
-            f"that of guessing among {classes} classes ({math.log(classes):.3f}) (untrained "
-            "weights?), so no move was scored: the budget scales every group alike (uniform "
-            "scaling). Pass a trained model for the search"
+    if untrained and config.fallback == "uniform":
+        why = (
+            f"its held-out loss {search.loss:.3f} is about that of guessing among {classes} "
+            f"classes ({math.log(classes):.3f}) (untrained weights?)"
         )
-        if log is not None:
-            log(note)
-        widths = dict(search.widths)
-        return SearchOutcome(
-            widths=widths,
-            extra={"greedy": {"start_loss": search.loss, "untrained": True, "note": note}},
-            config=asdict(config),
-            allocation={k: float(v) for k, v in widths.items()},
-        )
+        return _no_move(graph, config, log, why, start_loss=search.loss)
     if untrained:
         warnings.warn(
             f"greedy slimming of {graph.model_name}: its held-out loss {search.loss:.3f} is about "
@@ -437,11 +458,20 @@ def run(ctx: SearchContext) -> SearchOutcome:
         )
     train_config: TrainConfig = ctx.train_config or TrainConfig()
     device = select_device(train_config.device)
-    calib = _draw(ctx.train_data, config.calib_batches, 0, config, device)
-    if ctx.val_data is not None:
-        batches = _draw(ctx.val_data, config.eval_batches, 0, config, device)
-    else:
-        batches = _draw(ctx.train_data, config.eval_batches, config.calib_batches, config, device)
+    try:
+        calib = _draw(ctx.train_data, config.calib_batches, 0, config, device)
+        if ctx.val_data is not None:
+            batches = _draw(ctx.val_data, config.eval_batches, 0, config, device)
+        else:
+            batches = _draw(
+                ctx.train_data, config.eval_batches, config.calib_batches, config, device
+            )
+    except SearchError as e:
+        if config.fallback != "uniform":
+            raise
+        return _no_move(
+            ctx.graph, config, ctx.log, f"the data cannot score moves ({first_line(e)[:200]})"
+        )
     settings = {
         **asdict(config),
         "targets": budget.targets(ctx.cost),
