@@ -20,6 +20,7 @@ bound (the load is recorded).
 Usage:
     python benchmarks/distributed.py                      # 1 and 2 processes, a few minutes
     python benchmarks/distributed.py --procs 1 2 4 --methods greedy
+    python benchmarks/distributed.py --device cuda --procs 1 2    # a machine with 2 GPUs
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=["greedy", "greedy-lazy", "aps"])
     p.add_argument("--repeats", type=int, default=1, help="runs per setting (the fastest counts)")
     p.add_argument("--data", default="fashion-mnist", help="built-in dataset (fashion-mnist)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (gloo, a process a core) or cuda (nccl, a process a GPU)")  # fmt: skip
     p.add_argument("--out", type=Path, default=HERE / "results" / "distributed.json")
     return p.parse_args(argv)
 
@@ -58,11 +61,19 @@ def _options(method: str) -> dict[str, Any]:
             "max_batches_per_epoch": 12, "batch_size": 256}  # fmt: skip
 
 
-def _worker(rank: int, world: int, folder: str, method: str, weights: str, data: str) -> None:
+def _worker(
+    rank: int, world: int, folder: str, method: str, weights: str, data: str, device: str
+) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    if device == "cuda":  # as torchrun would: rank r on GPU r
+        os.environ["LOCAL_RANK"] = str(rank)
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world
+        "nccl" if device == "cuda" else "gloo",
+        init_method=f"file://{folder}/rendezvous",
+        rank=rank,
+        world_size=world,
     )
     try:
         import fxconet
@@ -72,7 +83,7 @@ def _worker(rank: int, world: int, folder: str, method: str, weights: str, data:
         model.load_state_dict(torch.load(weights, weights_only=True))
         dist.barrier()
         started = time.perf_counter()
-        options = {"batch_size": 128, **_options(method)}
+        options = {"batch_size": 128, "device": device, **_options(method)}
         result = fxconet.optimize_channels(model, data=data, epochs=0, progress=False, **options)
         dist.barrier()
         seconds = time.perf_counter() - started
@@ -94,10 +105,11 @@ def _trained(path: Path, data: str) -> None:
     torch.save(model.state_dict(), path)
 
 
-def run(method: str, procs: int, weights: Path, data: str) -> dict[str, Any]:
+def run(method: str, procs: int, weights: Path, data: str, device: str) -> dict[str, Any]:
     """One search on ``procs`` processes: its time and every rank's widths."""
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_worker, args=(procs, folder, method, str(weights), data), nprocs=procs, join=True)
+        spec = (procs, folder, method, str(weights), data, device)
+        mp.spawn(_worker, args=spec, nprocs=procs, join=True)
         ranks = [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(procs)]
     return {
         "seconds": max(r["seconds"] for r in ranks),
@@ -129,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             one = None
             for procs in args.procs:
-                runs = [run(method, procs, weights, args.data) for _ in range(args.repeats)]
+                runs = [
+                    run(method, procs, weights, args.data, args.device) for _ in range(args.repeats)
+                ]
                 best = min(runs, key=lambda r: r["seconds"])
                 if one is None:
                     one = best
@@ -145,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads_per_process": 1,
     }
     md = (
-        table(rows)
-        + f"\n\nResNet-20 (16/32/64, 1 input channel) on {args.data}, search only, gloo on the "
-        f"CPU, 1 torch thread per process, {meta['machine']}, torch {meta['torch']}; the "
+        table(rows) + f"\n\nResNet-20 (16/32/64, 1 input channel) on {args.data}, search only, "
+        f"{'nccl, one GPU' if args.device == 'cuda' else 'gloo on the CPU, 1 torch thread'} per "
+        f"process, {meta['machine']}, torch {meta['torch']}; the "
         f"fastest of {args.repeats} run(s). `greedy`: lazy=False (the same search on any number of "
         "processes); `greedy-lazy`: the default lazy search (N ranks re-score N stale candidates "
         "at once, so its widths may differ from one process's); `aps`: 1 warm-up + 2 search "

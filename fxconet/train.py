@@ -67,7 +67,8 @@ where ranks other than 0 may skip the callback (the search reads the weights on 
 
 
 def select_device(device: str | torch.device | None = None) -> torch.device:
-    """Pick the device to train on: the one asked for, else CUDA when available, else CPU.
+    """Pick the device to train on: the one asked for, else CUDA when available (inside a
+    torchrun job: this rank's GPU, ``cuda:LOCAL_RANK``), else CPU.
 
     Args:
         device: ``None`` or ``"auto"`` to choose, otherwise any ``torch.device`` spec.
@@ -83,6 +84,8 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
         device(type='cpu')
     """
     if device is None or device == "auto":
+        if distributed.is_distributed():
+            return distributed.local_device()
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         chosen = torch.device(device)

@@ -1389,11 +1389,7 @@ def aps_search(
     started = time.perf_counter()
     train_config = train_config or TrainConfig()
     sharded = distributed.is_distributed()  # torchrun: each rank a slice of every batch
-    device = select_device(
-        distributed.local_device()
-        if sharded and train_config.device is None
-        else train_config.device
-    )
+    device = select_device(train_config.device)  # under torchrun: this rank's device
     cands = candidate_widths(graph, config.candidates)
     if not cands:
         raise SearchError(f"{graph.model_name} has no free channel group to search")
