@@ -5,7 +5,9 @@ A conv or linear layer whose ``weight`` is parametrized by ``parametrizations.we
 plain layer's channel dims, and each tensor the parametrization keeps follows them:
 
 * ``weight_norm``: ``original1`` (the direction ``v``) has the weight's shape; ``original0`` (the
-  magnitude ``g``) has it with size 1 on the normalised dims, which stay 1;
+  magnitude ``g``) has it with size 1 on the normalised dims, which stay 1. Both are derived
+  again from the old weight resized as a plain layer's (:func:`set_weight_norm`), so the kept
+  weights are unchanged;
 * ``spectral_norm``: ``original`` has the weight's shape; the power-iteration vectors follow the
   weight matrix (``_u`` its rows: the ``dim`` channels; ``_v`` its columns: the other dims
   flattened), so removing channels whose weights are zero leaves the estimated norm, and the
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import parametrizations
 
 __all__ = [
     "computed", "norm_dim", "originals", "reset_weight", "resizable",
@@ -174,8 +176,3 @@ def reset_weight(mod: nn.Module) -> None:
         mat = sn._reshape_weight_to_matrix(_plist(mod).original)
         with torch.no_grad():
             sn._power_method(mat, 15)
-
-
-def is_parametrized(mod: nn.Module) -> bool:
-    """``torch.nn.utils.parametrize.is_parametrized``."""
-    return parametrize.is_parametrized(mod)
