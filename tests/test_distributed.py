@@ -12,6 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# one xdist worker runs them in turn: two gloo jobs at once on 2 cores starve each other
+pytestmark = pytest.mark.xdist_group("distributed")
+
 
 def _worker(rank: int, world: int, folder: str, method: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -54,6 +57,7 @@ def _worker(rank: int, world: int, folder: str, method: str) -> None:
             },
             Path(folder) / f"rank{rank}.pt",
         )
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -111,6 +115,7 @@ def _greedy_worker(rank: int, world: int, folder: str, lazy: bool) -> None:
             {"widths": result.widths, "calls": len(calls), "steps": len(result.history)},
             Path(folder) / f"g{world}-{rank}.pt",
         )
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -169,6 +174,7 @@ def _aps_worker(rank: int, world: int, folder: str) -> None:
             },
             Path(folder) / f"aps{world}-{rank}.pt",
         )
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -292,6 +298,7 @@ def _plain_worker(rank: int, world: int, folder: str) -> None:
         net = _plain_net()
         train(net, "digits", TrainConfig(**_CONFIG), progress=False)
         torch.save(net.state_dict(), Path(folder) / f"plain{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -360,8 +367,8 @@ def _callback_worker(rank: int, folder: str) -> None:
         outcome = "finished"
     except Exception as e:
         outcome = f"{type(e).__name__}: {e}"
-    finally:
-        dist.destroy_process_group()
+    dist.barrier()  # both ranks raised in their callback: no rank leaves while a peer talks
+    dist.destroy_process_group()
     Path(folder, f"callback{rank}.txt").write_text(outcome)
 
 
