@@ -481,13 +481,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     method_options: dict[str, Any] = {}
     if args.command == "optimize":
         if args.method is None:
-            from fxconet.optimize import default_method
+            from fxconet.optimize import default_method, default_method_options
 
             budget = args.target_macs is not None or args.target_params is not None
             args.method = default_method(has_data=True, has_budget=budget)
-            if args.method == "greedy" and args.method__fallback is None:
-                args.method__fallback = "uniform"  # an untrained model: uniform scaling
-        method_options = _method_options(args, flags, optimize)
+            method_options.update(default_method_options(args.method))
+        method_options.update(_method_options(args, flags, optimize))
         _check_config(args.method, method_options, args.seed, optimize)
     try:
         if args.command == "analyze":

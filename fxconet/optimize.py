@@ -84,6 +84,17 @@ def default_method(has_data: bool, has_budget: bool) -> str:
     return "conet" if has_data else "static"
 
 
+def default_method_options(method: str) -> dict[str, Any]:
+    """Options a method gets when :func:`default_method` chose it (the user's own win): the
+    default greedy falls back to uniform scaling where it cannot score moves.
+
+    Example:
+        >>> default_method_options("greedy")
+        {'fallback': 'uniform'}
+    """
+    return {"fallback": "uniform"} if method == "greedy" else {}
+
+
 def accepted_options(method: str) -> frozenset[str]:
     """Every option name :func:`optimize_channels` accepts for ``method``.
 
@@ -263,8 +274,7 @@ def optimize_channels(
             data is not None,
             options.get("target_macs") is not None or options.get("target_params") is not None,
         )
-        if method == "greedy":  # chosen here: an untrained model gets uniform scaling
-            options.setdefault("fallback", "uniform")
+        options = {**default_method_options(method), **options}
     spec = get_method(method)
     allowed = accepted_options(method)
     unknown = sorted(set(options) - allowed)

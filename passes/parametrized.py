@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 __all__ = [
-    "computed", "norm_dim", "originals", "reset_weight", "resizable",
+    "computed", "default_weight", "norm_dim", "originals", "reset_weight", "resizable",
     "set_weight_norm", "spectral", "spectral_vectors",
 ]  # fmt: skip
 
@@ -36,6 +36,14 @@ _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _WEIGHT_NORM = getattr(parametrizations, "_WeightNorm", None)
 _SPECTRAL_NORM = getattr(parametrizations, "_SpectralNorm", None)
 _SUPPORTED: tuple[type, ...] = tuple(t for t in (_WEIGHT_NORM, _SPECTRAL_NORM) if t is not None)
+
+
+def default_weight(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A conv's or linear layer's default weight initialisation, of ``shape``, in ``like``'s
+    dtype and device."""
+    t = torch.empty(shape, dtype=like.dtype, device=like.device)
+    nn.init.kaiming_uniform_(t, a=5**0.5)  # nn.Conv*d / nn.Linear reset_parameters
+    return t
 
 
 def _plist(mod: nn.Module, name: str = "weight") -> Any:
@@ -150,8 +158,7 @@ def set_weight_norm(mod: nn.Module, weight: torch.Tensor) -> None:
         empty = (g == 0).reshape(-1)
         if empty.any():
             where = torch.nonzero(empty).reshape(-1)
-            fresh = torch.empty_like(v)
-            nn.init.kaiming_uniform_(fresh, a=5**0.5)
+            fresh = default_weight(tuple(v.shape), v)
             v.index_copy_(dim, where, fresh.index_select(dim, where))
         for name, value in (("original0", g), ("original1", v)):
             old = getattr(plist, name)
@@ -166,8 +173,7 @@ def reset_weight(mod: nn.Module) -> None:
     parametrization (``right_inverse``: weight_norm's magnitude and direction, spectral norm's
     original)."""
     weight = computed(mod)
-    fresh = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    nn.init.kaiming_uniform_(fresh, a=5**0.5)  # nn.Conv*d / nn.Linear default
+    fresh = default_weight(tuple(weight.shape), weight)
     with torch.no_grad():
         mod.weight = fresh
     sp = spectral(mod)

@@ -20,7 +20,6 @@ behaviour between trials); raw parameters keep the inheritance rule.
 from __future__ import annotations
 
 import copy
-import math
 import operator
 import types
 from collections import OrderedDict
@@ -331,17 +330,9 @@ def _new_shape(rec: ParamRecord, maps: list[np.ndarray | None]) -> tuple[int, ..
 
 def _default_raw_init(rec: ParamRecord, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """Default values for new entries of a raw parameter (no module to reset)."""
-    t = torch.zeros(shape, dtype=like.dtype, device=like.device)
     if rec.producer and len(shape) >= 2:
-        nn.init.kaiming_uniform_(t, a=math.sqrt(5))  # nn.Conv2d / nn.Linear default
-    return t
-
-
-def _default_weight(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A conv's or linear layer's default weight initialisation, of ``shape``."""
-    t = torch.empty(shape, dtype=like.dtype, device=like.device)
-    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
-    return t
+        return parametrized.default_weight(shape, like)  # nn.Conv2d / nn.Linear default
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
 def _same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -458,7 +449,7 @@ class _Builder:
             ):
                 continue
             old = frec.tensor
-            init = _default_weight(_new_shape(frec, maps), old)
+            init = parametrized.default_weight(_new_shape(frec, maps), old)
             self.tensors[id(old)] = _as_param(_gather(old, maps, frec.roles, init), old)
 
     def _parametrized(self, layer: LayerRecord, mod: nn.Module, new: nn.Module) -> None:
@@ -469,10 +460,11 @@ class _Builder:
         wrec = self._weight_record(layer)
         if wrec is None:
             return
-        maps = [self.plan.positions(layout) for layout in wrec.dims]
         sp = parametrized.spectral(new)
         if sp is not None:
-            parametrized.spectral_vectors(sp[1], tuple(wrec.tensor.shape), maps, meta=self.meta)
+            positions = [self.plan.positions(layout) for layout in wrec.dims]
+            shape = tuple(wrec.tensor.shape)
+            parametrized.spectral_vectors(sp[1], shape, positions, meta=self.meta)
         if self.meta:
             return
         if self.init == "reset":
@@ -483,11 +475,10 @@ class _Builder:
             parametrized.reset_weight(new)
         elif parametrized.norm_dim(new) is not None:
             old = parametrized.computed(mod)
-            full = [None if len(m) == n and (m == np.arange(n)).all() else m
-                    for m, n in zip(maps, old.shape, strict=True)]  # fmt: skip
-            grows = any(m is not None and (m < 0).any() for m in full)
-            fresh = _default_weight(_new_shape(wrec, full), old) if grows else None
-            parametrized.set_weight_norm(new, _gather(old, full, wrec.roles, fresh))
+            maps = self.maps(wrec)
+            grows = any(m is not None and (m < 0).any() for m in maps)
+            fresh = parametrized.default_weight(_new_shape(wrec, maps), old) if grows else None
+            parametrized.set_weight_norm(new, _gather(old, maps, wrec.roles, fresh))
 
     def _shape_of(self, t: torch.Tensor) -> tuple[int, ...]:
         rec = self.solution.params.get(id(t))

@@ -16,12 +16,18 @@ import torch.multiprocessing as mp
 pytestmark = pytest.mark.xdist_group("distributed")
 
 
-def _worker(rank: int, world: int, folder: str, method: str) -> None:
+def _join(rank: int, world: int, folder: str) -> None:
+    """Start this worker's gloo group (1 torch thread), rendezvous in ``folder`` by world size
+    (a test may run a 1-process and a 2-process job in the same folder)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world
+        "gloo", init_method=f"file://{folder}/rendezvous{world}", rank=rank, world_size=world
     )
+
+
+def _worker(rank: int, world: int, folder: str, method: str) -> None:
+    _join(rank, world, folder)
     try:
         import fxconet
         from fxconet.models import cifar_resnet20
@@ -80,11 +86,7 @@ def test_two_ranks_end_with_the_same_widths_and_weights(tmp_path, method):
 
 
 def _greedy_worker(rank: int, world: int, folder: str, lazy: bool) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous{world}", rank=rank, world_size=world
-    )
+    _join(rank, world, folder)
     try:
         import warnings
 
@@ -138,10 +140,7 @@ def test_greedy_scoring_is_split_over_the_ranks(tmp_path, lazy):
 
 
 def _aps_worker(rank: int, world: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous{world}", rank=rank, world_size=world
-    )
+    _join(rank, world, folder)
     try:
         import fxconet
 
@@ -231,10 +230,7 @@ def test_outside_a_job_the_helpers_change_nothing():
 def _dying_worker(rank: int, folder: str) -> None:
     """Rank 1 dies (a hard exit, no cleanup) in its third training step; rank 0 records what
     it ends with."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2
-    )
+    _join(rank, 2, folder)
     from fxconet.models import cifar_resnet20
     from fxconet.train import TrainConfig, train
 
@@ -288,10 +284,7 @@ _CONFIG = {"epochs": 2, "batch_size": 32, "max_batches_per_epoch": 5, "lr": 0.05
 
 
 def _plain_worker(rank: int, world: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world
-    )
+    _join(rank, world, folder)
     try:
         from fxconet.train import TrainConfig, train
 
@@ -352,10 +345,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batches(tmp_path):
 
 
 def _callback_worker(rank: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2
-    )
+    _join(rank, 2, folder)
     from fxconet.train import TrainConfig, train
 
     def callback(epoch, model):

@@ -1582,7 +1582,7 @@ def aps_search(
                         cosines.append(cos)
                 step += 1
             inner.close()
-            if distributed.is_distributed():
+            if sharded:
                 sums = dict(zip(sums, distributed.all_sum(list(sums.values())), strict=True))
                 # BatchNorm statistics are per rank (as under DDP): rank 0's go everywhere, and
                 # with them its projections and controller, so the ranks cannot drift apart
