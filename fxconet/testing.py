@@ -176,7 +176,7 @@ def _zero(
     keep = {
         (f"{path}.parametrizations.weight.original1" if path else "", parametrized.norm_dim(m))
         for path, m in model.named_modules()
-        if parametrize.is_parametrized(m, "weight") and parametrized.resizable(m) is None
+        if parametrize.is_parametrized(m, "weight") and parametrized.why_frozen(m) is None
     }
     for name, layout in layouts.items():
         tensor = params.get(name)

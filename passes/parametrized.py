@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, parametrize
 
 __all__ = [
-    "computed", "default_weight", "norm_dim", "originals", "reset_weight", "resizable",
+    "computed", "default_weight", "norm_dim", "originals", "reset_weight", "why_frozen",
     "set_weight_norm", "spectral", "spectral_vectors",
 ]  # fmt: skip
 
@@ -51,8 +51,11 @@ def _plist(mod: nn.Module, name: str = "weight") -> Any:
     return mod.parametrizations[name]  # type: ignore[index]
 
 
-def resizable(mod: nn.Module) -> str | None:
-    """None when the parametrized ``mod`` resizes through its parametrizations, else why not."""
+def why_frozen(mod: nn.Module) -> str | None:
+    """Why the parametrized ``mod`` cannot resize through its parametrizations (it is then kept
+    as written, its widths frozen); None for a module that resizes, or is not parametrized."""
+    if not parametrize.is_parametrized(mod):
+        return None
     if not isinstance(mod, _LAYERS):
         return f"a parametrized {type(mod).__name__} (only convs and linears resize so)"
     names = sorted(mod.parametrizations.keys())  # type: ignore[union-attr, operator]

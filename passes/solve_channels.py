@@ -449,27 +449,27 @@ class _Solver:
     def follow_weight(self, mod: nn.Module, weight: torch.Tensor, dims: Dims, path: str) -> None:
         """Records for the tensors a parametrized weight is computed from (see
         :mod:`fxconet.passes.parametrized`), whose dims follow the weight's ``dims``."""
-        if id(weight) in self.followers or parametrized.resizable(mod) is not None:
+        if id(weight) in self.followers or parametrized.why_frozen(mod) is not None:
             return
         owner = path.rpartition(".")[0]
+        prefix = f"{owner}." if owner else ""
         recs = []
         for name, t in parametrized.originals(mod):
             odims = tuple(
                 d if t.shape[k] == weight.shape[k] else self.slots.layout(1, reason="broadcast dim")
                 for k, d in enumerate(dims)
             )
-            recs.append(self._follower(t, odims, f"{owner}.{name}" if owner else name))
+            recs.append(self._follower(t, odims, prefix + name))
         sp = parametrized.spectral(mod)
         if sp is not None:
             sub, sn = sp
-            u = sn._u
-            recs.append(self._follower(u, (dims[int(sn.dim)],), f"{owner}.{sub}._u"))
+            recs.append(self._follower(sn._u, (dims[int(sn.dim)],), f"{prefix}{sub}._u"))
         self.followers[id(weight)] = recs
 
     def _follower(self, t: torch.Tensor, dims: Dims, path: str) -> ParamRecord:
         rec = self.params.get(id(t))
         if rec is None:
-            rec = self.params[id(t)] = ParamRecord(path=path.lstrip("."), tensor=t, dims=dims)
+            rec = self.params[id(t)] = ParamRecord(path=path, tensor=t, dims=dims)
         return rec
 
     def param_dims(
@@ -575,11 +575,7 @@ class _Solver:
         module = self.traced.module(str(node.target)) if node.op == "call_module" else None
         ctx = RuleContext(self, node, module)
         rule = _ops.lookup(node, module)
-        if (
-            module is not None
-            and parametrize.is_parametrized(module)
-            and parametrized.resizable(module) is not None
-        ):
+        if module is not None and parametrized.why_frozen(module) is not None:
             rule = None  # its weights are computed: called whole, as an opaque op (frozen)
         if rule is None:
             out = ctx.opaque() if _has_tensor(value) or ctx.tensor_args() else None

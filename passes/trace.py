@@ -429,7 +429,7 @@ def _refuse_unsupported(model: nn.Module, kept: frozenset[str] = frozenset()) ->
         if _within(path, kept):
             continue
         where = f"module `{path}` ({type(m).__name__})" if path else f"the root ({name})"
-        if parametrize.is_parametrized(m) and (not path or parametrized.resizable(m) is not None):
+        if parametrize.is_parametrized(m) and (not path or parametrized.why_frozen(m) is not None):
             tensors = sorted(m.parametrizations.keys())  # type: ignore[union-attr, operator]
             raise TraceError(
                 f"{where} has parametrized tensors {tensors} (torch.nn.utils.parametrize: "
@@ -632,19 +632,18 @@ def kept_modules(model: nn.Module, hooks: str) -> tuple[dict[str, str], list[str
     with the reason its widths stay frozen, and the paths of the hooked ones.
 
     Kept: modules with parametrized tensors (``torch.nn.utils.parametrize``) that do not resize
-    (:func:`fxconet.passes.parametrized.resizable`: weight_norm/spectral_norm convs and linears
+    (:func:`fxconet.passes.parametrized.why_frozen`: weight_norm/spectral_norm convs and linears
     do); modules
     with forward, forward-pre or backward hooks when ``hooks == "freeze"``. Only the outermost
     of nested ones are listed (the inner ones are kept whole with them), in one walk.
     """
-    from torch.nn.utils import parametrize
 
     kept: dict[str, str] = {}
     hooked: list[str] = []
     for path, mod in model.named_modules():
         if not path or _within(path, kept):
             continue
-        why = parametrized.resizable(mod) if parametrize.is_parametrized(mod) else None
+        why = parametrized.why_frozen(mod)
         if why is not None:
             kept[path] = (
                 f"`{path}` has {why} (torch.nn.utils.parametrize): kept as written, widths "
