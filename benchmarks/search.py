@@ -341,7 +341,7 @@ def summarise(rows: list[dict[str, Any]], macs_full: int) -> list[dict[str, Any]
         mine = sorted((r for r in rows if (r["method"], r["budget"]) == (method, budget)),
                       key=lambda r: r["seed"])  # fmt: skip
         accs = [100 * r["accuracy"] for r in mine]
-        diffs = {
+        diffs = {  # a baseline only against the ones listed before it (tp-l2 - uniform, once)
             b: _paired(mine, bases[b])
             for b in BASELINES[: BASELINES.index(method) if method in BASELINES else None]
             if method != "full"
