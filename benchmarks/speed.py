@@ -1,22 +1,31 @@
-"""Rewrite and analysis speed against their floors, interleaved in one process.
+"""Rewrite and analysis speed against their floors and Torch-Pruning, interleaved in one process.
 
-Two measurements:
+Three measurements:
 
 * **resize**: ``fxconet.resize(graph, widths)`` with every free group halved, against two floors
   measured on the same model in the same loop, round-robin (one repeat of each in turn, so load
   on a shared machine hits all alike): ``copy.deepcopy(model)`` and an ``index_select`` rebuild
   (every tensor of the model copied once, a changed one by ``index_select`` along its changed
   dims to its new shape: the least work any rewrite that shares no tensor with the input does).
-  Medians over ``--repeats``.
-* **analysis scaling**: ``fxconet.analyze`` time against the fx node count on DenseNet-121/169/201
+  Also in the loop: ``fxconet.analyze`` and Torch-Pruning's ``DependencyGraph.build_dependency``
+  on the same model and input, and Torch-Pruning's rewrite, ``pruner.step()`` of an L1
+  magnitude pruner at 50% (the pruner is built on a fresh copy before each step, untimed; the
+  zoo benchmark's recipe). Medians over ``--repeats``.
+* **analysis scaling**: ``fxconet.analyze`` time against the graph size on DenseNet-121/169/201
   and on a synthetic chain of residual blocks (8 ... 512), with ``torch.fx.symbolic_trace`` as
-  the reference; the log-log slope of time against nodes (1.0 = linear).
+  the reference; the log-log slope of time against fx nodes (1.0 = linear) and against nodes
+  plus edges (a DenseNet layer concatenates every earlier feature map of its block: its
+  edges grow with the square of the depth, its nodes linearly).
+* **APS final pick**: the beam search over the controller after a short APS search of a
+  ResNet-20 on the embedded digits (``pick_seconds`` of the search's report), against the
+  search it ends and against the Fashion-MNIST search of ``benchmarks/results/aps.json``.
 
 Writes benchmarks/results/speed.json and speed.md. Every model has random weights, eval mode,
-batch 1 at 3x224x224.
+batch 1 at 3x224x224. Torch-Pruning is the optional ``bench`` extra; without it (or with
+``--skip-torch-pruning``) its columns are left empty.
 
 Usage:
-    python benchmarks/speed.py                       # about 5 minutes on 2 cores
+    python benchmarks/speed.py                       # about 10 minutes on 2 cores
     python benchmarks/speed.py --models resnet50 --chain 8 32 --repeats 3 --out /tmp/speed.json
 """
 
@@ -25,18 +34,20 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import math
 import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
-from _common import write_results
+from _common import package_version, write_results
 from torch import nn
 
 import fxconet
@@ -56,6 +67,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chain", type=int, nargs="+", default=list(CHAIN), help="chain lengths")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per stage (7)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
+    p.add_argument("--skip-torch-pruning", action="store_true", help="fxconet only")
+    p.add_argument("--skip-aps", action="store_true", help="leave out the APS pick")
     p.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
     return p.parse_args(argv)
 
@@ -94,8 +107,13 @@ def index_select_floor(model: nn.Module, gm: nn.Module) -> Callable[[], dict[str
     return rebuild
 
 
+class Timed(float):
+    """Seconds a stage measured itself (its untimed setup left out)."""
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run round-robin after one warm-up each."""
+    """Median seconds of each function, run round-robin after one warm-up each. A function
+    that returns a :class:`Timed` is credited with that time instead of its whole call."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -103,26 +121,63 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, fl
         for key, fn in fns.items():
             gc.collect()
             t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
+            out = fn()
+            elapsed = time.perf_counter() - t0
+            times[key].append(float(out) if isinstance(out, Timed) else elapsed)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def resize_row(name: str, repeats: int) -> dict[str, Any]:
+def torch_pruning() -> Any:
+    """The ``torch_pruning`` module, or None when it is not installed."""
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        return None
+    return tp
+
+
+def tp_stages(tp: Any, model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """Torch-Pruning's graph build, and its 50% L1 prune step on a fresh copy (timed alone)."""
+    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+
+    def step() -> Timed:
+        work = copy.deepcopy(model)
+        keep = {id(m) for m in ignored}
+        pruner = tp.pruner.BasePruner(
+            work,
+            example_inputs=x,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=0.5,
+            ignored_layers=[
+                w for w, m in zip(work.modules(), model.modules(), strict=True) if id(m) in keep
+            ],
+        )
+        t0 = time.perf_counter()
+        pruner.step()
+        return Timed(time.perf_counter() - t0)
+
+    return {
+        "tp_build": lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x),
+        "tp_step": step,
+    }
+
+
+def resize_row(name: str, repeats: int, tp: Any) -> dict[str, Any]:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(1, 3, 224, 224)
     graph = fxconet.analyze(model, x)
     widths = half(graph)
     gm = fxconet.resize(graph, widths)
-    med = interleaved(
-        {
-            "resize": lambda: fxconet.resize(graph, widths),
-            "deepcopy": lambda: copy.deepcopy(model),
-            "index_select": index_select_floor(model, gm),
-        },
-        repeats,
-    )
+    stages: dict[str, Callable[[], Any]] = {
+        "resize": lambda: fxconet.resize(graph, widths),
+        "deepcopy": lambda: copy.deepcopy(model),
+        "index_select": index_select_floor(model, gm),
+        "analyze": lambda: fxconet.analyze(model, x),
+    }
+    if tp is not None:
+        stages.update(tp_stages(tp, model, x))
+    med = interleaved(stages, repeats)
     params = sum(p.numel() for p in model.parameters())
     return {
         "model": name,
@@ -131,6 +186,8 @@ def resize_row(name: str, repeats: int) -> dict[str, Any]:
         "seconds": med,
         "vs_deepcopy": med["resize"] / med["deepcopy"],
         "vs_index_select": med["resize"] / med["index_select"],
+        "tp_build_over_analyze": med["tp_build"] / med["analyze"] if tp is not None else None,
+        "tp_step_over_resize": med["tp_step"] / med["resize"] if tp is not None else None,
     }
 
 
@@ -165,15 +222,16 @@ def slope(points: list[tuple[int, float]]) -> float | None:
 
 
 def scaling_rows(chain: list[int], repeats: int) -> list[dict[str, Any]]:
-    cases: list[tuple[str, str, nn.Module, torch.Tensor]] = []
+    cases: list[tuple[str, str, nn.Module]] = []
     for name in DENSENETS:
-        cases.append(("densenet", name, getattr(torchvision.models, name)().eval(), None))
+        cases.append(("densenet", name, getattr(torchvision.models, name)().eval()))
     for n in chain:
-        cases.append(("chain", f"chain{n}", Chain(n).eval(), None))
+        cases.append(("chain", f"chain{n}", Chain(n).eval()))
     rows = []
-    for family, name, model, _ in cases:
+    for family, name, model in cases:
         x = torch.randn(1, 3, 224, 224) if family == "densenet" else torch.randn(1, 3, 32, 32)
-        nodes = len(torch.fx.symbolic_trace(model).graph.nodes)
+        nodes = list(torch.fx.symbolic_trace(model).graph.nodes)
+        edges = sum(len(n.all_input_nodes) for n in nodes)
         med = interleaved(
             {
                 "analyze": lambda m=model, x=x: fxconet.analyze(m, x),
@@ -181,74 +239,167 @@ def scaling_rows(chain: list[int], repeats: int) -> list[dict[str, Any]]:
             },
             repeats,
         )
-        rows.append({"family": family, "model": name, "nodes": nodes, "seconds": med})
+        rows.append(
+            {"family": family, "model": name, "nodes": len(nodes), "edges": edges, "seconds": med}
+        )
     return rows
+
+
+def aps_pick(reference: Path) -> dict[str, Any]:
+    """The APS final pick's time after a short search of a ResNet-20 on the digits, against
+    that search and against the search recorded in ``reference`` (benchmarks/aps.py's JSON)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxconet.optimize_channels(
+            fxconet.models.cifar_resnet20(in_channels=1),
+            data="digits",
+            method="aps",
+            target_macs=0.5,
+            warmup_epochs=1,
+            search_epochs=2,
+            batch_size=64,
+            progress=False,
+            seed=0,
+        )
+    pick, search = result.extra["pick_seconds"], result.extra["search_seconds"]
+    row: dict[str, Any] = {
+        "pick_seconds": pick,
+        "search_seconds": search,
+        "fraction": pick / search,
+    }
+    try:
+        runs = json.loads(reference.read_text())["runs"]
+        seconds = [r["search_seconds"] for r in runs if str(r.get("method")).startswith("aps")]
+    except (OSError, KeyError, ValueError):
+        seconds = []
+    if seconds:
+        ref = statistics.median(seconds)
+        row.update(reference=str(reference.name), reference_search_seconds=ref)
+        row["reference_fraction"] = pick / ref
+    return row
+
+
+def _ms(s: dict[str, float], key: str) -> str:
+    return f"{1e3 * s[key]:.1f}" if key in s else "-"
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [
         "| model | params | free groups | resize ms | deepcopy ms | index_select floor ms "
-        "| resize / deepcopy | resize / floor |",
-        "|---|---|---|---|---|---|---|---|",
+        "| resize / deepcopy | resize / floor | TP prune step ms | TP step / resize "
+        "| analyze ms | TP build ms | TP build / analyze |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["resize"]:
         s = r["seconds"]
         lines.append(
             f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['free_groups']} "
-            f"| {1e3 * s['resize']:.1f} | {1e3 * s['deepcopy']:.1f} "
-            f"| {1e3 * s['index_select']:.1f} "
-            f"| {r['vs_deepcopy']:.2f}x | {r['vs_index_select']:.2f}x |"
+            f"| {_ms(s, 'resize')} | {_ms(s, 'deepcopy')} | {_ms(s, 'index_select')} "
+            f"| {_x(r['vs_deepcopy'])} | {_x(r['vs_index_select'])} "
+            f"| {_ms(s, 'tp_step')} | {_x(r.get('tp_step_over_resize'))} "
+            f"| {_ms(s, 'analyze')} | {_ms(s, 'tp_build')} | {_x(r.get('tp_build_over_analyze'))} |"
         )
+    summary = result.get("summary", {})
+    if summary.get("tp_build_over_analyze") is not None:
+        lines += [
+            "",
+            f"- Ratio of medians over these models: Torch-Pruning's build / analyze "
+            f"{summary['tp_build_over_analyze']:.2f}x, Torch-Pruning's prune step / resize "
+            f"{summary['tp_step_over_resize']:.2f}x (the whole torchvision zoo: "
+            "benchmarks/results/zoo_timing.md).",
+        ]
     lines += [
         "",
-        "| family | model | fx nodes | analyze ms | symbolic_trace ms | analyze / trace |",
-        "|---|---|---|---|---|---|",
+        "| family | model | fx nodes | edges | analyze ms | symbolic_trace ms | analyze / trace |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["scaling"]:
         s = r["seconds"]
         lines.append(
-            f"| {r['family']} | {r['model']} | {r['nodes']} | {1e3 * s['analyze']:.1f} "
-            f"| {1e3 * s['symbolic_trace']:.1f} | {s['analyze'] / s['symbolic_trace']:.2f} |"
+            f"| {r['family']} | {r['model']} | {r['nodes']} | {r['edges']} "
+            f"| {1e3 * s['analyze']:.1f} | {1e3 * s['symbolic_trace']:.1f} "
+            f"| {s['analyze'] / s['symbolic_trace']:.2f} |"
         )
     lines.append("")
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
     for family, sl in result["slopes"].items():
-        a, t = sl["analyze"], sl["symbolic_trace"]
         lines.append(
-            f"- {family}: log-log slope of time against fx nodes, analyze "
-            f"{'-' if a is None else f'{a:.2f}'}, symbolic_trace {'-' if t is None else f'{t:.2f}'}"
+            f"- {family}: log-log slope of time against fx nodes: analyze "
+            f"{fmt(sl['analyze'])}, symbolic_trace {fmt(sl['symbolic_trace'])}; against nodes "
+            f"+ edges: analyze {fmt(sl['analyze_vs_size'])}, symbolic_trace "
+            f"{fmt(sl['symbolic_trace_vs_size'])}"
         )
+    aps = result.get("aps_pick")
+    if aps:
+        ref = ""
+        if "reference_fraction" in aps:
+            ref = (
+                f"; {100 * aps['reference_fraction']:.2f}% of the median APS search in "
+                f"{aps['reference']} ({aps['reference_search_seconds']:.0f} s)"
+            )
+        lines += [
+            "",
+            f"- APS final pick (ResNet-20, digits, 1 warm-up + 2 search epochs, 50% MACs): "
+            f"{aps['pick_seconds']:.2f} s, {100 * aps['fraction']:.1f}% of its "
+            f"{aps['search_seconds']:.1f} s search{ref}.",
+        ]
     env = result["env"]
     lines += [
         "",
         f"Medians of {env['repeats']} interleaved repeats, {env['threads']} torch thread(s), "
-        f"{env['machine']}, torch {env['torch']}, load average at start {env['load']}. Every "
-        "free group halved; batch 1 at 3x224x224 (chains: 3x32x32); random weights.",
+        f"{env['machine']}, torch {env['torch']}, torch-pruning {env['torch_pruning']}, load "
+        f"average at start {env['load']}. Every free group halved (Torch-Pruning: 50% of the "
+        "channels, L1 magnitude, the 1000-class head kept); batch 1 at 3x224x224 (chains: "
+        "3x32x32); random weights.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ratio_of_medians(rows: list[dict[str, Any]], num: str, den: str) -> float | None:
+    pairs = [(r["seconds"][num], r["seconds"][den]) for r in rows if num in r["seconds"]]
+    if not pairs:
+        return None
+    return statistics.median(a for a, _ in pairs) / statistics.median(b for _, b in pairs)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    tp = None if args.skip_torch_pruning else torch_pruning()
     resize = []
     for name in args.models:
-        row = resize_row(name, args.repeats)
+        row = resize_row(name, args.repeats, tp)
         print(
             f"{name}: resize {row['vs_deepcopy']:.2f}x deepcopy, "
-            f"{row['vs_index_select']:.2f}x floor"
+            f"{row['vs_index_select']:.2f}x floor, TP build / analyze "
+            f"{_x(row['tp_build_over_analyze'])}",
+            flush=True,
         )
         resize.append(row)
     scaling = scaling_rows(args.chain, args.repeats)
     slopes = {}
     for family in ("densenet", "chain"):
         rows = [r for r in scaling if r["family"] == family]
-        slopes[family] = {
-            k: slope([(r["nodes"], r["seconds"][k]) for r in rows])
-            for k in ("analyze", "symbolic_trace")
-        }
-    result = {
+        slopes[family] = {}
+        for k in ("analyze", "symbolic_trace"):
+            slopes[family][k] = slope([(r["nodes"], r["seconds"][k]) for r in rows])
+            slopes[family][f"{k}_vs_size"] = slope(
+                [(r["nodes"] + r["edges"], r["seconds"][k]) for r in rows]
+            )
+    result: dict[str, Any] = {
         "resize": resize,
+        "summary": {
+            "tp_build_over_analyze": _ratio_of_medians(resize, "tp_build", "analyze"),
+            "tp_step_over_resize": _ratio_of_medians(resize, "tp_step", "resize"),
+        },
         "scaling": scaling,
         "slopes": slopes,
         "env": {
@@ -256,9 +407,13 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
             "machine": platform.platform(),
             "torch": torch.__version__,
+            "torch_pruning": package_version("torch-pruning") if tp is not None else "not run",
             "load": None if load is None else round(load, 2),
         },
     }
+    if not args.skip_aps:
+        result["aps_pick"] = aps_pick(HERE / "results" / "aps.json")
+        print(f"APS pick: {result['aps_pick']}", flush=True)
     write_results(args.out, result, table(result))
 
 

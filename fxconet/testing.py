@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from fxconet.api import analyze, resize
 from fxconet.ir import ChannelGraph
@@ -176,7 +175,7 @@ def _zero(
     keep = {
         (f"{path}.parametrizations.weight.original1" if path else "", parametrized.norm_dim(m))
         for path, m in model.named_modules()
-        if parametrize.is_parametrized(m, "weight") and parametrized.why_frozen(m) is None
+        if parametrized.is_parametrized(m, "weight") and parametrized.why_frozen(m) is None
     }
     for name, layout in layouts.items():
         tensor = params.get(name)

@@ -28,14 +28,23 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 __all__ = [
-    "computed", "default_weight", "norm_dim", "originals", "reset_weight", "why_frozen",
-    "set_weight_norm", "spectral", "spectral_vectors",
+    "computed", "default_weight", "is_parametrized", "norm_dim", "originals", "reset_weight",
+    "why_frozen", "set_weight_norm", "spectral", "spectral_vectors",
 ]  # fmt: skip
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _WEIGHT_NORM = getattr(parametrizations, "_WeightNorm", None)
 _SPECTRAL_NORM = getattr(parametrizations, "_SpectralNorm", None)
 _SUPPORTED: tuple[type, ...] = tuple(t for t in (_WEIGHT_NORM, _SPECTRAL_NORM) if t is not None)
+
+
+def is_parametrized(mod: nn.Module, name: str | None = None) -> bool:
+    """``torch.nn.utils.parametrize.is_parametrized``, answered at once for a plain module (the
+    torch function's attribute lookup fails through ``Module.__getattr__`` there, which cost a
+    tenth of an analysis): a parametrization lives in the ``parametrizations`` child."""
+    if "parametrizations" not in mod._modules:
+        return False
+    return parametrize.is_parametrized(mod, name)
 
 
 def default_weight(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -54,7 +63,7 @@ def _plist(mod: nn.Module, name: str = "weight") -> Any:
 def why_frozen(mod: nn.Module) -> str | None:
     """Why the parametrized ``mod`` cannot resize through its parametrizations (it is then kept
     as written, its widths frozen); None for a module that resizes, or is not parametrized."""
-    if not parametrize.is_parametrized(mod):
+    if not is_parametrized(mod):
         return None
     if not isinstance(mod, _LAYERS):
         return f"a parametrized {type(mod).__name__} (only convs and linears resize so)"

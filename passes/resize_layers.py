@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.fx
 from torch import nn
-from torch.nn.utils import parametrize
 
 from fxconet.ir import ChannelGraph, check_widths
 from fxconet.ops import registry as op_registry
@@ -268,9 +267,37 @@ def plan_resize(
 # building resized tensors and modules
 
 
+class _DimMap:
+    """How one dim of a tensor is resized: ``pos`` maps each new position to its original one
+    (``-1`` = new). Derived once per position map and shared by every tensor resized along it
+    (a norm's four tensors; a concatenation's consumers), with the index tensors ready."""
+
+    __slots__ = ("grows", "kept_at", "new_at", "pos", "src")
+
+    def __init__(self, pos: np.ndarray, old_size: int) -> None:
+        self.pos = pos
+        keep = pos >= 0
+        src = pos[keep]
+        self.grows = len(src) < len(pos)
+        # None: the old entries are kept whole and in order (nothing to gather)
+        prefix = len(src) == old_size and (
+            len(src) == 0 or bool((src == np.arange(len(src))).all())
+        )
+        self.src = None if prefix else torch.from_numpy(src)
+        self.kept_at = torch.from_numpy(np.flatnonzero(keep)) if self.grows else None
+        self.new_at = torch.from_numpy(np.flatnonzero(~keep)) if self.grows else None
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+
+def _on(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return index if device.type == "cpu" else index.to(device)
+
+
 def _gather(
     old: torch.Tensor,
-    maps: list[np.ndarray | None],
+    maps: list[_DimMap | None],
     roles: dict[int, str],
     fresh: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -282,13 +309,10 @@ def _gather(
     out = old.detach()
     copied = False
     for d, m in enumerate(maps):
-        if m is None:
-            continue
-        src = m[m >= 0]
-        if len(src) != out.shape[d] or not np.array_equal(src, np.arange(len(src))):
-            out = out.index_select(d, torch.from_numpy(src).to(out.device))
+        if m is not None and m.src is not None:
+            out = out.index_select(d, _on(m.src, out.device))
             copied = True
-    grown = [(d, m) for d, m in enumerate(maps) if m is not None and (m < 0).any()]
+    grown = [(d, m) for d, m in enumerate(maps) if m is not None and m.grows]
     if not grown:
         return out if copied else out.clone()
     shape = [len(m) if m is not None else s for m, s in zip(maps, old.shape, strict=True)]
@@ -303,26 +327,41 @@ def _gather(
     for k, (_, m) in enumerate(grown):
         view = [1] * len(grown)
         view[k] = -1
-        index.append(torch.from_numpy(np.nonzero(m >= 0)[0]).to(old.device).view(view))
+        assert m.kept_at is not None
+        index.append(_on(m.kept_at, old.device).view(view))
     with torch.no_grad():
         full.permute(perm)[tuple(index)] = out.permute(perm)
         for d, m in grown:
             if roles.get(d) == "in":
-                new_pos = torch.from_numpy(np.nonzero(m < 0)[0]).to(old.device)
-                full.index_fill_(d, new_pos, 0)
+                assert m.new_at is not None
+                full.index_fill_(d, _on(m.new_at, old.device), 0)
     return full
 
 
-def _maps(plan: ResizePlan, rec: ParamRecord) -> list[np.ndarray | None]:
-    maps: list[np.ndarray | None] = []
+def _maps(
+    plan: ResizePlan, rec: ParamRecord, cache: dict[tuple[int, int], _DimMap | None]
+) -> list[_DimMap | None]:
+    """Per dim of a parameter, how it is resized (None: unchanged); ``cache`` holds the maps
+    already derived, by position map and old size."""
+    maps: list[_DimMap | None] = []
     for d, layout in enumerate(rec.dims):
         pos = plan.positions(layout)
-        identity = len(pos) == rec.tensor.shape[d] and (pos == np.arange(len(pos))).all()
-        maps.append(None if identity else pos)
+        n = rec.tensor.shape[d]
+        key = (id(pos), n)  # positions are memoised per layout: the array outlives the cache
+        if key in cache:
+            maps.append(cache[key])
+            continue
+        m = _DimMap(pos, n)
+        hit = cache[key] = None if m.src is None and not m.grows else m
+        maps.append(hit)
     return maps
 
 
-def _new_shape(rec: ParamRecord, maps: list[np.ndarray | None]) -> tuple[int, ...]:
+def _grows(maps: list[_DimMap | None]) -> bool:
+    return any(m is not None and m.grows for m in maps)
+
+
+def _new_shape(rec: ParamRecord, maps: list[_DimMap | None]) -> tuple[int, ...]:
     return tuple(
         len(m) if m is not None else s for m, s in zip(maps, rec.tensor.shape, strict=True)
     )
@@ -361,13 +400,14 @@ class _Builder:
         self.shallow = shallow and meta
         self.solution = plan.solution
         self.tensors: dict[int, torch.Tensor] = {}  # id(old tensor) -> new tensor
-        self._maps: dict[int, list[np.ndarray | None]] = {}
+        self._maps: dict[int, list[_DimMap | None]] = {}
+        self._dim_maps: dict[tuple[int, int], _DimMap | None] = {}
 
-    def maps(self, rec: ParamRecord) -> list[np.ndarray | None]:
+    def maps(self, rec: ParamRecord) -> list[_DimMap | None]:
         key = id(rec.tensor)
         hit = self._maps.get(key)
         if hit is None:
-            hit = self._maps[key] = _maps(self.plan, rec)
+            hit = self._maps[key] = _maps(self.plan, rec, self._dim_maps)
         return hit
 
     def tensor(self, old: torch.Tensor, fresh: torch.Tensor | None = None) -> torch.Tensor:
@@ -382,7 +422,7 @@ class _Builder:
             new = torch.empty(self._meta_shape(rec), dtype=old.dtype, device="meta")
         else:
             maps = self.maps(rec)
-            if fresh is None and any(m is not None and (m < 0).any() for m in maps):
+            if fresh is None and _grows(maps):
                 fresh = _default_raw_init(rec, _new_shape(rec, maps), old)
             new = _gather(old, maps, rec.roles, fresh)
         new = _as_param(_same_layout(new, old), old)
@@ -403,7 +443,7 @@ class _Builder:
             (n, t) for n, t in [*mod._parameters.items(), *mod._buffers.items()] if t is not None
         ]
         fresh: dict[str, torch.Tensor] = {}
-        weighted = rec if rec is not None and parametrize.is_parametrized(mod, "weight") else None
+        weighted = rec if rec is not None and parametrized.is_parametrized(mod, "weight") else None
         if weighted is not None:  # the weight lives in the parametrization: see _parametrized
             self._grow_originals(weighted, mod)
         elif not self.meta and (self.init == "reset" or self._grows(own)):
@@ -423,9 +463,10 @@ class _Builder:
             else:
                 new_t = self.tensor(t, fresh.get(name))
             _set(new, name, new_t)
-        for sub in new.modules():  # children of a resized module (a leaf with submodules)
-            if sub is not new:
-                self._remap(sub)
+        if new._modules:
+            for sub in new.modules():  # children of a resized module (a leaf with submodules)
+                if sub is not new:
+                    self._remap(sub)
         if weighted is not None:
             self._parametrized(weighted, mod, new)
         return new
@@ -444,9 +485,7 @@ class _Builder:
             if tuple(frec.tensor.shape) != tuple(wrec.tensor.shape):
                 continue
             maps = self.maps(frec)
-            if id(frec.tensor) in self.tensors or not any(
-                m is not None and (m < 0).any() for m in maps
-            ):
+            if id(frec.tensor) in self.tensors or not _grows(maps):
                 continue
             old = frec.tensor
             init = parametrized.default_weight(_new_shape(frec, maps), old)
@@ -476,8 +515,9 @@ class _Builder:
         elif parametrized.norm_dim(new) is not None:
             old = parametrized.computed(mod)
             maps = self.maps(wrec)
-            grows = any(m is not None and (m < 0).any() for m in maps)
-            fresh = parametrized.default_weight(_new_shape(wrec, maps), old) if grows else None
+            fresh = (
+                parametrized.default_weight(_new_shape(wrec, maps), old) if _grows(maps) else None
+            )
             parametrized.set_weight_norm(new, _gather(old, maps, wrec.roles, fresh))
 
     def _shape_of(self, t: torch.Tensor) -> tuple[int, ...]:
@@ -487,7 +527,7 @@ class _Builder:
     def _grows(self, own: list[tuple[str, torch.Tensor]]) -> bool:
         for _, t in own:
             rec = self.solution.params.get(id(t))
-            if rec is not None and any(m is not None and (m < 0).any() for m in self.maps(rec)):
+            if rec is not None and _grows(self.maps(rec)):
                 return True
         return False
 
@@ -516,13 +556,23 @@ class _Builder:
         """A copy of the module tree that still holds the old tensors (in new dicts)."""
         if self.shallow and shallow:
             return structural_copy(mod)
-        memo: dict[int, Any] = {id(t): t for t in [*mod.parameters(), *mod.buffers()]}
+        if mod._modules:
+            memo: dict[int, Any] = {id(t): t for t in [*mod.parameters(), *mod.buffers()]}
+        else:  # a leaf (most modules): its own tensors, without walking a module tree
+            memo = {
+                id(t): t
+                for t in [*mod._parameters.values(), *mod._buffers.values()]
+                if t is not None
+            }
         return detached_copy(mod, memo)
 
     def _copy(self, mod: nn.Module) -> nn.Module:
         new = self._structural(mod)
-        for sub in new.modules():
-            self._remap(sub)
+        if new._modules:
+            for sub in new.modules():
+                self._remap(sub)
+        else:
+            self._remap(new)
         return new
 
     def _remap(self, sub: nn.Module) -> None:
@@ -542,10 +592,16 @@ _SHARED = (
 )  # fmt: skip
 
 
+_ATOMS = frozenset({int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device})
+
+
 def _shareable(value: Any) -> bool:
-    return isinstance(value, _SHARED) or (
-        type(value) is tuple and all(isinstance(v, _SHARED) for v in value)
-    )
+    t = type(value)
+    if t in _ATOMS:  # exact types first: most attributes, without an isinstance walk
+        return True
+    if t is tuple:
+        return all(type(v) in _ATOMS or isinstance(v, _SHARED) for v in value)
+    return isinstance(value, _SHARED)
 
 
 def detached_copy(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
@@ -562,17 +618,23 @@ def detached_copy(mod: nn.Module, memo: dict[int, Any]) -> nn.Module:
     new = shallow_copy(mod)
     memo[id(mod)] = new
     d = new.__dict__
+    atoms = _ATOMS
     for key, value in mod.__dict__.items():
+        t = type(value)
+        if t in atoms:  # most attributes: shared, decided without a call
+            continue
         if key in ("_parameters", "_buffers"):
-            d[key] = type(value)(value)
+            d[key] = t(value)
         elif key == "_modules":
             d[key] = {
                 k: (detached_copy(c, memo) if c is not None else None) for k, c in value.items()
             }
+        elif (t is dict or t is OrderedDict) and not value:
+            d[key] = t()  # the hook dicts
         elif _shareable(value):
             continue
-        elif type(value) in (dict, OrderedDict) and not value:
-            d[key] = type(value)()
+        elif t is list and all(type(v) in atoms for v in value):
+            d[key] = list(value)  # a conv's _reversed_padding_repeated_twice
         elif type(value) is set and all(type(v) is str for v in value):
             d[key] = set(value)  # _non_persistent_buffers_set: names only
         elif key in d and d[key] is not value:  # rebound by shallow_copy (a bound method)
@@ -747,7 +809,10 @@ def emit(plan: ResizePlan, *, init: str = "inherit", meta: bool = False) -> torc
     if solution.rewrites or not solution.free_of_dead_code:
         dead = eliminate_dead_code(gm.graph)
         solution.free_of_dead_code = not dead and not solution.rewrites
-    gm.graph.lint()
+    if solution.rewrites or dead or not solution.lints_clean:
+        # an unrewritten copy of the traced graph lints as the first one did
+        gm.graph.lint()
+        solution.lints_clean = not solution.rewrites and not dead
     if dead:  # the code changed: compile it again
         gm.delete_all_unused_submodules()
         gm.recompile()

@@ -263,11 +263,20 @@ class Slots:
         if len(a) == 1 and len(b) == 1:
             # Fast path, most unions: two blocks of equal size over unrefined variables, which
             # the general path below would pair the same way (without expanding both first).
+            # Tying what is tied already (a concatenation's spatial dims, once per input) ends
+            # at the roots, without a call.
             x, y = a[0], b[0]
+            parent = self.parent
+            v, w = x[1], y[1]
+            rv = v if parent[v] == v else self.find(v)
+            rw = w if parent[w] == w else self.find(w)
+            if rv == rw and x[0] == y[0] and x[2] == y[2]:
+                return
+            sub, size = self.sub, self.size
             if (
-                self.sub[self.find(x[1])] is None
-                and self.sub[self.find(y[1])] is None
-                and self._bsize(x) == self._bsize(y)
+                sub[rv] is None
+                and sub[rw] is None
+                and x[0] * size[rv] * x[2] == y[0] * size[rw] * y[2]
             ):
                 self._unify_blocks(x, y)
                 return

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch.nn.utils import parametrize
 
 from fxconet import ops as _ops
 from fxconet.errors import ChannelError
@@ -90,6 +89,7 @@ class Solution:
     # True once a rewrite of this trace found no dead code, where no node is rewritten (the
     # graph copied for a resize is then the traced one, and dead-code elimination is skipped)
     free_of_dead_code: bool = False
+    lints_clean: bool = False  # a copy of the traced graph, unrewritten, passed lint()
     example_args: tuple[Any, ...] = ()
     example_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -223,7 +223,11 @@ class RuleContext:
         return None
 
     def param(
-        self, name: str, module: nn.Module | None = None, *, like: Dims | None = None
+        self,
+        name: str,
+        module: nn.Module | None = None,
+        *,
+        like: tuple[Layout | None, ...] | None = None,
     ) -> Dims | None:
         """Per-dim layouts of parameter/buffer ``name`` of this node's module (None if unset).
 
@@ -241,7 +245,7 @@ class RuleContext:
         layer.params[name] = id(t)
         path = f"{self.path}.{name}" if self.path else name
         dims = self._solver.param_dims(t, path, like)
-        if parametrize.is_parametrized(mod, name):
+        if parametrized.is_parametrized(mod, name):
             self._solver.follow_weight(mod, t, dims, path)
         return dims
 
@@ -437,7 +441,7 @@ class _Solver:
 
     def tensor_attr(self, mod: nn.Module, name: str) -> Any:
         """``getattr(mod, name)``; a parametrized tensor is computed once and remembered."""
-        if not parametrize.is_parametrized(mod, name):
+        if not parametrized.is_parametrized(mod, name):
             return getattr(mod, name, None)
         key = (id(mod), name)
         hit = self.computed.get(key)
@@ -476,29 +480,37 @@ class _Solver:
         self,
         t: torch.Tensor,
         path: str,
-        like: Dims | None = None,
+        like: tuple[Layout | None, ...] | None = None,
         *,
         kernel_from: int | None = None,
     ) -> Dims:
         """Per-dim layouts of a parameter: ``like`` for one seen here first whose shape fits it
-        (what a fresh layout tied to ``like`` would become, without the variables), else one
-        fresh variable per dim (dims from ``kernel_from`` on frozen: a conv weight's kernel)."""
+        (what a fresh layout tied to ``like`` would become, without the variables; a None entry
+        of ``like`` is a fresh variable), else one fresh variable per dim (dims from
+        ``kernel_from`` on frozen: a conv weight's kernel)."""
         rec = self.params.get(id(t))
         if rec is None:
             slots = self.slots
+
+            def fresh(k: int, s: int) -> Layout:
+                if kernel_from is not None and k >= kernel_from:
+                    return slots.layout(int(s), reason=f"kernel dim of `{path}`")
+                return slots.layout(int(s))
+
             if (
                 like is not None
                 and len(like) == t.dim()
-                and all(slots.total(lay) == s for lay, s in zip(like, t.shape, strict=True))
-            ):
-                dims = like
-            else:
-                dims = tuple(
-                    slots.layout(int(s), reason=f"kernel dim of `{path}`")
-                    if kernel_from is not None and k >= kernel_from
-                    else slots.layout(int(s))
-                    for k, s in enumerate(t.shape)
+                and all(
+                    lay is None or slots.total(lay) == s
+                    for lay, s in zip(like, t.shape, strict=True)
                 )
+            ):
+                dims = tuple(
+                    fresh(k, s) if lay is None else lay
+                    for k, (lay, s) in enumerate(zip(like, t.shape, strict=True))
+                )
+            else:
+                dims = tuple(fresh(k, s) for k, s in enumerate(t.shape))
             rec = ParamRecord(path=path, tensor=t, dims=dims)
             self.params[id(t)] = rec
         return rec.dims
@@ -806,11 +818,11 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
 def _group_ids(slots: Slots, group_of: dict[int, int], layout: Layout | None) -> tuple[int, ...]:
     if layout is None:
         return ()
-    out: list[int] = []
+    out: dict[int, None] = {}  # an ordered set: a concatenation has a group per input
     for v in slots.leaves(layout):
         g = group_of.get(v)
-        if g is not None and g not in out:
-            out.append(g)
+        if g is not None:
+            out[g] = None
     return tuple(out)
 
 

@@ -422,14 +422,13 @@ def _refuse_unsupported(model: nn.Module, kept: frozenset[str] = frozenset()) ->
     a parametrized root, the legacy ``weight_norm``/``spectral_norm`` hooks outside ``kept``
     (paths called whole, see :func:`kept_modules`), hooks on the root.
     """
-    from torch.nn.utils import parametrize
 
     name = type(model).__name__
     for path, m in model.named_modules():
         if _within(path, kept):
             continue
         where = f"module `{path}` ({type(m).__name__})" if path else f"the root ({name})"
-        if parametrize.is_parametrized(m) and (not path or parametrized.why_frozen(m) is not None):
+        if parametrized.is_parametrized(m) and (not path or parametrized.why_frozen(m) is not None):
             tensors = sorted(m.parametrizations.keys())  # type: ignore[union-attr, operator]
             raise TraceError(
                 f"{where} has parametrized tensors {tensors} (torch.nn.utils.parametrize: "

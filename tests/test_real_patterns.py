@@ -375,6 +375,24 @@ def test_a_parametrized_root_is_refused_naming_the_fix():
         fxconet.analyze(conv, torch.randn(1, 3, 8, 8))
 
 
+def test_the_fast_parametrization_check_agrees_with_torch():
+    from torch.nn.utils import parametrize
+
+    from fxconet.passes import parametrized
+
+    plain = nn.Conv2d(3, 8, 3)
+    normed = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 8, 3))
+    user = nn.Linear(4, 4)
+    parametrize.register_parametrization(user, "bias", _Doubled())
+    holder = nn.Module()
+    holder.parametrizations = nn.Linear(2, 2)  # a child of that name that is no parametrization
+    for mod in (plain, normed, user, holder, nn.Sequential(normed)):
+        for name in (None, "weight", "bias"):
+            assert parametrized.is_parametrized(mod, name) == parametrize.is_parametrized(
+                mod, name
+            ), (type(mod).__name__, name)
+
+
 def test_hooks_on_the_root_are_refused_and_the_named_fix_keeps_them():
     model = _small().eval()
     model.register_forward_hook(lambda mod, args, out: out * 2)

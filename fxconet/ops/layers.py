@@ -110,11 +110,19 @@ def _conv_module(ctx: RuleContext) -> Any:
     x = ctx.arg(0, "input")
     if ctx.dims(x) is None or not is_tensor(ctx.out):
         return ctx.opaque()
-    w = ctx.param("weight")
+    spatial = len(m.kernel_size)
+    # an ungrouped conv's input dim is the input's channel layout: the weight takes it directly
+    # (tying a fresh one would split it once per block of a concatenation, then link each part)
+    cdim = len(ctx.shape(x)) - spatial - 1
+    like = None
+    if m.groups == 1 and cdim >= 0:
+        lin = ctx.dims(x)[cdim]  # type: ignore[index]
+        like = (lin, None) if transposed else (None, lin)
+        like = (*like, *([None] * spatial))
+    w = ctx.param("weight", like=like)
     b = ctx.param("bias")
     if w is None:
         return ctx.opaque(f"{ctx.describe()}: a convolution without a weight")
-    spatial = len(m.kernel_size)
     out, lin, lout, mult = _conv_core(ctx, x, w, b, m.groups, spatial, transposed, m.stride)
     if mult is not None:
         kind = "depthwise"
