@@ -102,13 +102,18 @@ class ResizePlan:
         return idx[idx >= 0]
 
     def size_of(self, layout: Layout) -> int:
-        """New total size of a layout."""
-        slots = self._analysis().slots
-        total = 0
-        for b in slots.expand(layout):
-            m = self.base.get(b.var)
-            total += b.outer * (len(m) if m is not None else slots.size[b.var]) * b.inner
-        return total
+        """New total size of a layout (memoised per layout: the shape check asks for every
+        node's, the modules' updates again)."""
+        memo = self.__dict__.setdefault("_size_memo", {})
+        hit = memo.get(layout)
+        if hit is None:
+            slots = self._analysis().slots
+            hit = 0
+            for b in slots.expand(layout):
+                m = self.base.get(b.var)
+                hit += b.outer * (len(m) if m is not None else slots.size[b.var]) * b.inner
+            memo[layout] = hit
+        return hit
 
     def positions(self, layout: Layout) -> np.ndarray:
         """For each position of the resized dim, the original position (or -1 for new).
