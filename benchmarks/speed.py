@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import json
 import math
@@ -111,15 +112,33 @@ class Timed(float):
     """Seconds a stage measured itself (its untimed setup left out)."""
 
 
+def _trim() -> Callable[[], Any]:
+    """glibc's ``malloc_trim(0)`` (a no-op elsewhere): hands freed heap memory back to the OS."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return lambda: libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
+TRIM = _trim()
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Median seconds of each function, run round-robin after one warm-up each. A function
-    that returns a :class:`Timed` is credited with that time instead of its whole call."""
+    that returns a :class:`Timed` is credited with that time instead of its whole call.
+
+    Every call starts from the same allocator state: a garbage collection, then freed memory
+    handed back to the OS (:data:`TRIM`), so no stage runs in warm pages the one before it
+    freed (a deepcopy timed right after a stage that freed a model's worth of memory ran in
+    half the time of one timed after a stage that did not)."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
             gc.collect()
+            TRIM()
             t0 = time.perf_counter()
             out = fn()
             elapsed = time.perf_counter() - t0
@@ -353,7 +372,8 @@ def table(result: dict[str, Any]) -> str:
     env = result["env"]
     lines += [
         "",
-        f"Medians of {env['repeats']} interleaved repeats, {env['threads']} torch thread(s), "
+        f"Medians of {env['repeats']} interleaved repeats (each call after a garbage "
+        f"collection and malloc_trim), {env['threads']} torch thread(s), "
         f"{env['machine']}, torch {env['torch']}, torch-pruning {env['torch_pruning']}, load "
         f"average at start {env['load']}. Every free group halved (Torch-Pruning: 50% of the "
         "channels, L1 magnitude, the 1000-class head kept); batch 1 at 3x224x224 (chains: "

@@ -10,9 +10,10 @@ For each model, one row:
 
 Timing is fair by construction: both tools get the same model instance (``weights=None``, default
 1000 classes, eval mode) and the same standard input, batch 1 at 3x224x224 (3x299x299 for
-inception_v3), on ``--threads`` CPU threads; each is run once to warm up and then ``--repeats``
-times, and the median is reported. fxconet analyses on ``meta`` tensors (no real compute);
-Torch-Pruning runs a real forward pass with autograd to trace the model.
+inception_v3), on ``--threads`` CPU threads; each is run once to warm up, then both are run
+``--repeats`` times round-robin (one run of each in turn, so a slow spell of a shared machine
+hits both alike), and the medians are reported. fxconet analyses on ``meta`` tensors (no real
+compute); Torch-Pruning runs a real forward pass with autograd to trace the model.
 
 The numerical checks need real forward passes, so they use the small settings of
 ``tests/test_zoo.py`` (:func:`fxconet.testing.torchvision_case`: 32x32 inputs unless the model
@@ -83,19 +84,6 @@ class Config:
 # --------------------------------------------------------------------------------------------
 # Worker side: one model at a time
 # --------------------------------------------------------------------------------------------
-
-
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
-    """Median ms of ``repeats`` calls after one warm-up call, every ms, and the last result."""
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        del result
-        gc.collect()
-        start = time.perf_counter()
-        result = fn()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times), times, result
 
 
 def build_timing_model(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -177,27 +165,68 @@ def run_model(name: str, config: Config, report: Callable[[dict[str, Any]], None
     row["params"] = sum(p.numel() for p in model.parameters())
     row["timing_input"] = list(x.shape)
 
+    # analyze and Torch-Pruning's build, timed round-robin (one run of each in turn, after one
+    # warm-up each) so that a slow spell of the shared machine hits both tools alike
     stage("analyze")
     graph = None
-    try:
-        with deadline(config.stage_timeout):
-            ms, times, graph = _timed(lambda: fxconet.analyze(model, x), config.repeats)
+    fns: dict[str, Callable[[], Any]] = {"fx": lambda: fxconet.analyze(model, x)}
+    if tp is not None:
+        fns["tp"] = lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    runs: dict[str, list[float]] = {}
+    failed: dict[str, Exception] = {}
+    for key, fn in fns.items():
+        stage("analyze" if key == "fx" else "tp_build")
+        try:
+            with deadline(config.stage_timeout):
+                result = fn()
+            runs[key] = []
+            if key == "fx":
+                graph = result
+            del result
+        except Exception as exc:
+            failed[key] = exc
+        gc.collect()
+    stage("timing")
+    for _ in range(config.repeats):
+        for key in list(runs):
+            try:
+                with deadline(config.stage_timeout):
+                    gc.collect()
+                    start = time.perf_counter()
+                    fns[key]()
+                    runs[key].append(1e3 * (time.perf_counter() - start))
+            except Exception as exc:
+                failed[key] = exc
+                del runs[key]
+    gc.collect()
+    if "fx" in runs and graph is not None:
         total, free = graph.conv_params()
         row["fx"] = {
             "traced": True,
             "ok": True,
-            "analyze_ms": ms,
-            "analyze_runs_ms": times,
+            "analyze_ms": statistics.median(runs["fx"]),
+            "analyze_runs_ms": runs["fx"],
             "groups": len(graph.groups),
             "free": len(graph.free),
             "conv_params": total,
             "free_conv_params": free,
             "pct_free": 100.0 * free / total if total else 0.0,
         }
-    except Exception as exc:
+    else:
+        exc = failed["fx"]
         # a timeout leaves it unknown whether tracing itself would have succeeded
         traced = None if isinstance(exc, StageTimeout) else not isinstance(exc, fxconet.TraceError)
         row["fx"] = {"traced": traced, "ok": False, "error": error_text(exc)}
+        graph = None
+    if tp is not None:
+        if "tp" in runs:
+            row["tp"] = {
+                "build_ok": True,
+                "build_ms": statistics.median(runs["tp"]),
+                "build_runs_ms": runs["tp"],
+            }
+        else:
+            row["tp"] = {"build_ok": False, "build_error": error_text(failed["tp"])}
 
     stage("resize")
     if graph is not None:
@@ -216,18 +245,6 @@ def run_model(name: str, config: Config, report: Callable[[dict[str, Any]], None
         gc.collect()
 
     if tp is not None:
-        stage("tp_build")
-        try:
-            with deadline(config.stage_timeout):
-                ms, times, _ = _timed(
-                    lambda: tp.DependencyGraph().build_dependency(model, example_inputs=x),
-                    config.repeats,
-                )
-            row["tp"] = {"build_ok": True, "build_ms": ms, "build_runs_ms": times}
-        except Exception as exc:
-            row["tp"] = {"build_ok": False, "build_error": error_text(exc)}
-        gc.collect()
-
         stage("tp_prune")
         limit = config.skip_prune_above_params
         if limit is not None and row["params"] > limit:

@@ -706,7 +706,18 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
     leaf_of: list[int] = []
     seen: set[int] = set()  # ids of the layouts visited (nodes share their inputs' layouts)
 
+    parent, sub = slots.parent, slots.sub
+
     def visit(layout: Layout) -> None:
+        if len(layout) == 1:  # most layouts: one block over an unrefined root, decided inline
+            v = layout[0][1]
+            if parent[v] != v:
+                v = slots.find(v)
+            if sub[v] is None:
+                if produced[v] and v not in group_of:
+                    group_of[v] = len(leaf_of)
+                    leaf_of.append(v)
+                return
         key = id(layout)
         if key in seen:
             return
