@@ -124,21 +124,25 @@ def _trim() -> Callable[[], Any]:
 TRIM = _trim()
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, *, trim: bool = True
+) -> dict[str, float]:
     """Median seconds of each function, run round-robin after one warm-up each. A function
     that returns a :class:`Timed` is credited with that time instead of its whole call.
 
-    Every call starts from the same allocator state: a garbage collection, then freed memory
-    handed back to the OS (:data:`TRIM`), so no stage runs in warm pages the one before it
-    freed (a deepcopy timed right after a stage that freed a model's worth of memory ran in
-    half the time of one timed after a stage that did not)."""
+    With ``trim``, every call starts from the same allocator state: a garbage collection,
+    then freed memory handed back to the OS (:data:`TRIM`), so no stage runs in warm pages
+    the one before it freed (a deepcopy timed right after a stage that freed a model's worth
+    of memory ran in half the time of one timed after a stage that did not). The scaling
+    runs leave it out: paging a small analysis' heap in again would flatten the slopes."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
             gc.collect()
-            TRIM()
+            if trim:
+                TRIM()
             t0 = time.perf_counter()
             out = fn()
             elapsed = time.perf_counter() - t0
@@ -257,6 +261,7 @@ def scaling_rows(chain: list[int], repeats: int) -> list[dict[str, Any]]:
                 "symbolic_trace": lambda m=model: torch.fx.symbolic_trace(m),
             },
             repeats,
+            trim=False,
         )
         rows.append(
             {"family": family, "model": name, "nodes": len(nodes), "edges": edges, "seconds": med}
@@ -373,7 +378,8 @@ def table(result: dict[str, Any]) -> str:
     lines += [
         "",
         f"Medians of {env['repeats']} interleaved repeats (each call after a garbage "
-        f"collection and malloc_trim), {env['threads']} torch thread(s), "
+        f"collection; the resize table's also after malloc_trim), {env['threads']} torch "
+        f"thread(s), "
         f"{env['machine']}, torch {env['torch']}, torch-pruning {env['torch_pruning']}, load "
         f"average at start {env['load']}. Every free group halved (Torch-Pruning: 50% of the "
         "channels, L1 magnitude, the 1000-class head kept); batch 1 at 3x224x224 (chains: "
