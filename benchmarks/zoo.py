@@ -468,7 +468,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{config['threads']} CPU threads ({result['env']['machine']}). "
         f"Timings: batch 1, 3x224x224 (299 for inception_v3), default 1000 classes, eval mode, "
         f"the same model instance for both tools; median of {config['repeats']} runs after one "
-        f"warm-up. Checks: the small settings of tests/test_zoo.py.",
+        f"warm-up, the two tools' runs taken in turn. Checks: the small settings of "
+        f"tests/test_zoo.py.",
         "",
         "## Summary",
         "",
@@ -584,7 +585,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--repeats",
         type=int,
         default=5,
-        help="timed runs of analyze / build_dependency after one warm-up; the median is "
+        help="timed runs of analyze / build_dependency (in turn) after one warm-up; the median is "
         "reported (default: 5: single runs on a shared 2-core machine vary by up to 2x)",
     )
     parser.add_argument(

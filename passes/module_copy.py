@@ -111,7 +111,8 @@ def shallow_copy(m: nn.Module) -> nn.Module:
 
 #: attribute types a structural copy copies (shallowly), so that a forward writing into them
 #: (``self.cache[key] = x``: timm's attention-bias caches) writes into the copy's
-_CONTAINERS = (dict, list, set)
+_CONTAINERS = frozenset({dict, list, set})
+_OWN_DICTS = frozenset({"_parameters", "_buffers", "_modules"})  # copied on their own
 
 
 def structural_copy(model: nn.Module, paths: dict[str, nn.Module] | None = None) -> nn.Module:
@@ -143,8 +144,8 @@ def structural_copy(model: nn.Module, paths: dict[str, nn.Module] | None = None)
             paths[path] = new
         d = new.__dict__
         for key, value in m.__dict__.items():
-            if type(value) in _CONTAINERS:  # a cache the forward fills must not fill the user's
-                d[key] = type(value)(value)
+            if type(value) in _CONTAINERS and key not in _OWN_DICTS:
+                d[key] = type(value)(value)  # a cache the forward fills must not fill the user's
         d["_parameters"] = dict(m._parameters)
         d["_buffers"] = dict(m._buffers)
         prefix = f"{path}." if path else ""

@@ -58,6 +58,7 @@ class Slots:
         self._leaves_memo: dict[Layout, list[int]] = {}
         self._sub_memo: dict[int, list[Block]] = {}  # expansion of each refined root
         self._root_leaves: dict[int, list[int]] = {}  # leaves under each root
+        self._totals: dict[Layout, int] = {}  # total() per layout, valid forever
 
     # -- variables ------------------------------------------------------------------------------
 
@@ -154,7 +155,13 @@ class Slots:
         return self.size[self.find(v)]
 
     def total(self, layout: Layout) -> int:
-        return sum(o * self.size[self.find(v)] * i for o, v, i in layout)
+        """Positions of ``layout``. Never changes: a union joins slots of equal size, and a
+        refinement keeps its slot's size, so the total is memoised per layout."""
+        hit = self._totals.get(layout)
+        if hit is None:
+            size, find = self.size, self.find
+            hit = self._totals[layout] = sum(o * size[find(v)] * i for o, v, i in layout)
+        return hit
 
     def expand(self, layout: Layout) -> list[Block]:
         """The layout over leaf variables (refinements substituted), adjacent repeats merged.

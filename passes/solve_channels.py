@@ -327,6 +327,8 @@ class RuleContext:
 
     def tie(self, a: Layout, b: Layout, why: str | None = None) -> bool:
         """Constrain two layouts to the same channels; on conflict freeze both and return False."""
+        if a is b:
+            return True
         try:
             self._slots.unify(a, b)
             return True
