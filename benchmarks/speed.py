@@ -10,7 +10,9 @@ Three measurements:
   Also in the loop: ``fxconet.analyze`` and Torch-Pruning's ``DependencyGraph.build_dependency``
   on the same model and input, and Torch-Pruning's rewrite, ``pruner.step()`` of an L1
   magnitude pruner at 50% (the pruner is built on a fresh copy before each step, untimed; the
-  zoo benchmark's recipe). Medians over ``--repeats``.
+  zoo benchmark's recipe). Every call starts with cold pages (``malloc_trim``, see
+  :func:`interleaved`); resize, deepcopy and the floor run once more *warm*, the allocator as
+  the stage before left it, as in a search that resizes in a loop. Medians over ``--repeats``.
 * **analysis scaling**: ``fxconet.analyze`` time against the graph size on DenseNet-121/169/201
   and on a synthetic chain of residual blocks (8 ... 512), with ``torch.fx.symbolic_trace`` as
   the reference; the log-log slope of time against fx nodes (1.0 = linear) and against nodes
@@ -201,14 +203,22 @@ def resize_row(name: str, repeats: int, tp: Any) -> dict[str, Any]:
     if tp is not None:
         stages.update(tp_stages(tp, model, x))
     med = interleaved(stages, repeats)
+    # the same three again without trimming: the allocator as the stage before left it (what
+    # a search that resizes in a loop sees; a deepcopy then reuses the pages resize freed)
+    warm = interleaved(
+        {k: stages[k] for k in ("resize", "deepcopy", "index_select")}, repeats, trim=False
+    )
     params = sum(p.numel() for p in model.parameters())
     return {
         "model": name,
         "params": params,
         "free_groups": len(graph.free),
         "seconds": med,
+        "seconds_warm": warm,
         "vs_deepcopy": med["resize"] / med["deepcopy"],
         "vs_index_select": med["resize"] / med["index_select"],
+        "vs_deepcopy_warm": warm["resize"] / warm["deepcopy"],
+        "vs_index_select_warm": warm["resize"] / warm["index_select"],
         "tp_build_over_analyze": med["tp_build"] / med["analyze"] if tp is not None else None,
         "tp_step_over_resize": med["tp_step"] / med["resize"] if tp is not None else None,
     }
@@ -314,9 +324,9 @@ def _x(value: float | None) -> str:
 def table(result: dict[str, Any]) -> str:
     lines = [
         "| model | params | free groups | resize ms | deepcopy ms | index_select floor ms "
-        "| resize / deepcopy | resize / floor | TP prune step ms | TP step / resize "
-        "| analyze ms | TP build ms | TP build / analyze |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| resize / deepcopy | resize / floor | warm: resize / deepcopy | warm: resize / floor "
+        "| TP prune step ms | TP step / resize | analyze ms | TP build ms | TP build / analyze |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["resize"]:
         s = r["seconds"]
@@ -324,6 +334,7 @@ def table(result: dict[str, Any]) -> str:
             f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['free_groups']} "
             f"| {_ms(s, 'resize')} | {_ms(s, 'deepcopy')} | {_ms(s, 'index_select')} "
             f"| {_x(r['vs_deepcopy'])} | {_x(r['vs_index_select'])} "
+            f"| {_x(r.get('vs_deepcopy_warm'))} | {_x(r.get('vs_index_select_warm'))} "
             f"| {_ms(s, 'tp_step')} | {_x(r.get('tp_step_over_resize'))} "
             f"| {_ms(s, 'analyze')} | {_ms(s, 'tp_build')} | {_x(r.get('tp_build_over_analyze'))} |"
         )
@@ -377,9 +388,10 @@ def table(result: dict[str, Any]) -> str:
     env = result["env"]
     lines += [
         "",
-        f"Medians of {env['repeats']} interleaved repeats (each call after a garbage "
-        f"collection; the resize table's also after malloc_trim), {env['threads']} torch "
-        f"thread(s), "
+        f"Medians of {env['repeats']} interleaved repeats, each call after a garbage "
+        "collection; the resize table's also after malloc_trim (every stage starts with cold "
+        "pages), except its *warm* columns (resize, deepcopy and the floor again, the "
+        f"allocator as the stage before left it). {env['threads']} torch thread(s), "
         f"{env['machine']}, torch {env['torch']}, torch-pruning {env['torch_pruning']}, load "
         f"average at start {env['load']}. Every free group halved (Torch-Pruning: 50% of the "
         "channels, L1 magnitude, the 1000-class head kept); batch 1 at 3x224x224 (chains: "
@@ -405,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
         row = resize_row(name, args.repeats, tp)
         print(
             f"{name}: resize {row['vs_deepcopy']:.2f}x deepcopy, "
-            f"{row['vs_index_select']:.2f}x floor, TP build / analyze "
+            f"{row['vs_index_select']:.2f}x floor (warm {row['vs_deepcopy_warm']:.2f}x, "
+            f"{row['vs_index_select_warm']:.2f}x), TP build / analyze "
             f"{_x(row['tp_build_over_analyze'])}",
             flush=True,
         )
