@@ -51,6 +51,13 @@ def package_version(name: str, missing: str = "missing") -> str:
         return missing
 
 
+def tp_ignored_layers(model: Any) -> list[Any]:
+    """The layers Torch-Pruning's torchvision recipe leaves unpruned: the 1000-class head."""
+    from torch import nn
+
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+
+
 def write_results(out: Path, result: dict[str, Any], markdown: str) -> None:
     """``result`` as JSON at ``out``, ``markdown`` beside it (``.md``), and the table printed."""
     out.parent.mkdir(parents=True, exist_ok=True)

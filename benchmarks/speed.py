@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 import torchvision
-from _common import package_version, write_results
+from _common import package_version, tp_ignored_layers, write_results
 from torch import nn
 
 import fxconet
@@ -163,19 +163,15 @@ def torch_pruning() -> Any:
 
 def tp_stages(tp: Any, model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
     """Torch-Pruning's graph build, and its 50% L1 prune step on a fresh copy (timed alone)."""
-    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
 
     def step() -> Timed:
         work = copy.deepcopy(model)
-        keep = {id(m) for m in ignored}
         pruner = tp.pruner.BasePruner(
             work,
             example_inputs=x,
             importance=tp.importance.MagnitudeImportance(p=1),
             pruning_ratio=0.5,
-            ignored_layers=[
-                w for w, m in zip(work.modules(), model.modules(), strict=True) if id(m) in keep
-            ],
+            ignored_layers=tp_ignored_layers(work),
         )
         t0 = time.perf_counter()
         pruner.step()

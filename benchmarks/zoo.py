@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 import torchvision
-from _common import StageTimeout, deadline, error_text, package_version
+from _common import StageTimeout, deadline, error_text, package_version, tp_ignored_layers
 from torch import nn
 
 ZOO = torchvision.models.list_models(module=torchvision.models)
@@ -115,7 +115,7 @@ def _tp_prune(tp: Any, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     with torch.no_grad():
         ref_shape = tuple(model(x).shape)
     before = sum(p.numel() for p in model.parameters())
-    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1000]
+    ignored = tp_ignored_layers(model)
     round_to = model.encoder.layers[0].num_heads if isinstance(model, VisionTransformer) else None
     start = time.perf_counter()
     pruner = tp.pruner.BasePruner(
@@ -167,7 +167,6 @@ def run_model(name: str, config: Config, report: Callable[[dict[str, Any]], None
 
     # analyze and Torch-Pruning's build, timed round-robin (one run of each in turn, after one
     # warm-up each) so that a slow spell of the shared machine hits both tools alike
-    stage("analyze")
     graph = None
     fns: dict[str, Callable[[], Any]] = {"fx": lambda: fxconet.analyze(model, x)}
     if tp is not None:

@@ -285,9 +285,7 @@ class _DimMap:
         src = pos[keep]
         self.grows = len(src) < len(pos)
         # None: the old entries are kept whole and in order (nothing to gather)
-        prefix = len(src) == old_size and (
-            len(src) == 0 or bool((src == np.arange(len(src))).all())
-        )
+        prefix = len(src) == old_size and bool((src == np.arange(len(src))).all())
         self.src = None if prefix else torch.from_numpy(src)
         self.kept_at = torch.from_numpy(np.flatnonzero(keep)) if self.grows else None
         self.new_at = torch.from_numpy(np.flatnonzero(~keep)) if self.grows else None
@@ -362,7 +360,8 @@ def _maps(
     return maps
 
 
-def _grows(maps: list[_DimMap | None]) -> bool:
+def _has_new(maps: list[_DimMap | None]) -> bool:
+    """Whether some dim of a tensor gains positions."""
     return any(m is not None and m.grows for m in maps)
 
 
@@ -427,7 +426,7 @@ class _Builder:
             new = torch.empty(self._meta_shape(rec), dtype=old.dtype, device="meta")
         else:
             maps = self.maps(rec)
-            if fresh is None and _grows(maps):
+            if fresh is None and _has_new(maps):
                 fresh = _default_raw_init(rec, _new_shape(rec, maps), old)
             new = _gather(old, maps, rec.roles, fresh)
         new = _as_param(_same_layout(new, old), old)
@@ -490,7 +489,7 @@ class _Builder:
             if tuple(frec.tensor.shape) != tuple(wrec.tensor.shape):
                 continue
             maps = self.maps(frec)
-            if id(frec.tensor) in self.tensors or not _grows(maps):
+            if id(frec.tensor) in self.tensors or not _has_new(maps):
                 continue
             old = frec.tensor
             init = parametrized.default_weight(_new_shape(frec, maps), old)
@@ -521,7 +520,7 @@ class _Builder:
             old = parametrized.computed(mod)
             maps = self.maps(wrec)
             fresh = (
-                parametrized.default_weight(_new_shape(wrec, maps), old) if _grows(maps) else None
+                parametrized.default_weight(_new_shape(wrec, maps), old) if _has_new(maps) else None
             )
             parametrized.set_weight_norm(new, _gather(old, maps, wrec.roles, fresh))
 
@@ -532,7 +531,7 @@ class _Builder:
     def _grows(self, own: list[tuple[str, torch.Tensor]]) -> bool:
         for _, t in own:
             rec = self.solution.params.get(id(t))
-            if rec is not None and _grows(self.maps(rec)):
+            if rec is not None and _has_new(self.maps(rec)):
                 return True
         return False
 
@@ -812,12 +811,10 @@ def emit(plan: ResizePlan, *, init: str = "inherit", meta: bool = False) -> torc
     gm = torch.fx.GraphModule(owners, new_graph, solution.traced.name)  # compiles its code
     dead = False
     if solution.rewrites or not solution.free_of_dead_code:
+        # an unrewritten copy of a traced graph that was found clean is clean again
         dead = eliminate_dead_code(gm.graph)
-        solution.free_of_dead_code = not dead and not solution.rewrites
-    if solution.rewrites or dead or not solution.lints_clean:
-        # an unrewritten copy of the traced graph lints as the first one did
         gm.graph.lint()
-        solution.lints_clean = not solution.rewrites and not dead
+        solution.free_of_dead_code = not dead and not solution.rewrites
     if dead:  # the code changed: compile it again
         gm.delete_all_unused_submodules()
         gm.recompile()

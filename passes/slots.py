@@ -265,7 +265,7 @@ class Slots:
         Raises:
             Conflict: when no refinement makes them agree (the caller freezes both).
         """
-        if a == b:
+        if a is b or a == b:  # a layout tied to itself: no element-wise comparison
             return
         if len(a) == 1 and len(b) == 1:
             # Fast path, most unions: two blocks of equal size over unrefined variables, which

@@ -86,10 +86,10 @@ class Solution:
     # id(parametrized weight) -> records of the tensors it is computed from (they resize with it)
     followers: dict[int, list[ParamRecord]] = field(default_factory=dict)
     computed_by: dict[int, nn.Module] = field(default_factory=dict)  # id(weight) -> its layer
-    # True once a rewrite of this trace found no dead code, where no node is rewritten (the
-    # graph copied for a resize is then the traced one, and dead-code elimination is skipped)
+    # True once a rewrite of this trace found no dead code and passed lint(), where no node is
+    # rewritten (the graph copied for a resize is then the traced one: dead-code elimination
+    # and lint() are skipped)
     free_of_dead_code: bool = False
-    lints_clean: bool = False  # a copy of the traced graph, unrewritten, passed lint()
     example_args: tuple[Any, ...] = ()
     example_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -327,8 +327,6 @@ class RuleContext:
 
     def tie(self, a: Layout, b: Layout, why: str | None = None) -> bool:
         """Constrain two layouts to the same channels; on conflict freeze both and return False."""
-        if a is b:
-            return True
         try:
             self._slots.unify(a, b)
             return True
@@ -711,20 +709,20 @@ def build_graph(solution: Solution, name: str) -> ChannelGraph:
     parent, sub = slots.parent, slots.sub
 
     def visit(layout: Layout) -> None:
-        if len(layout) == 1:  # most layouts: one block over an unrefined root, decided inline
+        leaves: Iterable[int] | None = None
+        if len(layout) == 1:  # most layouts: one block over an unrefined root, found inline
             v = layout[0][1]
             if parent[v] != v:
                 v = slots.find(v)
             if sub[v] is None:
-                if produced[v] and v not in group_of:
-                    group_of[v] = len(leaf_of)
-                    leaf_of.append(v)
+                leaves = (v,)
+        if leaves is None:
+            key = id(layout)
+            if key in seen:
                 return
-        key = id(layout)
-        if key in seen:
-            return
-        seen.add(key)
-        for v in slots.leaves(layout):
+            seen.add(key)
+            leaves = slots.leaves(layout)
+        for v in leaves:
             if produced[v] and v not in group_of:
                 group_of[v] = len(leaf_of)
                 leaf_of.append(v)

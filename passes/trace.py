@@ -422,7 +422,6 @@ def _refuse_unsupported(model: nn.Module, kept: frozenset[str] = frozenset()) ->
     a parametrized root, the legacy ``weight_norm``/``spectral_norm`` hooks outside ``kept``
     (paths called whole, see :func:`kept_modules`), hooks on the root.
     """
-
     name = type(model).__name__
     for path, m in model.named_modules():
         if _within(path, kept):
@@ -636,7 +635,6 @@ def kept_modules(model: nn.Module, hooks: str) -> tuple[dict[str, str], list[str
     with forward, forward-pre or backward hooks when ``hooks == "freeze"``. Only the outermost
     of nested ones are listed (the inner ones are kept whole with them), in one walk.
     """
-
     kept: dict[str, str] = {}
     hooked: list[str] = []
     for path, mod in model.named_modules():

@@ -108,16 +108,16 @@ def _conv_module(ctx: RuleContext) -> Any:
     assert isinstance(m, nn.modules.conv._ConvNd)
     transposed = bool(m.transposed)
     x = ctx.arg(0, "input")
-    if ctx.dims(x) is None or not is_tensor(ctx.out):
+    xd = ctx.dims(x)
+    if xd is None or not is_tensor(ctx.out):
         return ctx.opaque()
     spatial = len(m.kernel_size)
     # an ungrouped conv's input dim is the input's channel layout: the weight takes it directly
     # (tying a fresh one would split it once per block of a concatenation, then link each part)
-    cdim = len(ctx.shape(x)) - spatial - 1
+    cdim = len(xd) - spatial - 1
     like = None
     if m.groups == 1 and cdim >= 0:
-        lin = ctx.dims(x)[cdim]  # type: ignore[index]
-        like = (lin, None) if transposed else (None, lin)
+        like = (xd[cdim], None) if transposed else (None, xd[cdim])
         like = (*like, *([None] * spatial))
     w = ctx.param("weight", like=like)
     b = ctx.param("bias")
