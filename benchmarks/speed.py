@@ -110,6 +110,23 @@ def index_select_floor(model: nn.Module, gm: nn.Module) -> Callable[[], dict[str
     return rebuild
 
 
+def fx_fixed_stages(gm: torch.fx.GraphModule) -> dict[str, Callable[[], Any]]:
+    """What emitting ``gm`` costs beyond its tensors, for any rewrite that returns a verified
+    GraphModule: a copy of its graph made into a new GraphModule (torch.fx generates and
+    compiles the code; the modules are shared, nothing is copied), and the check of its
+    shapes on ``meta`` tensors that fxconet runs on every graph it emits."""
+    from fxconet.passes.resize_layers import expected_shapes
+    from fxconet.passes.verify import verify_channels
+
+    plan = gm.meta["fxconet"]
+    example = (plan.solution.example_args, plan.solution.example_kwargs)
+    expected = expected_shapes(plan)
+    return {
+        "graph_module": lambda: torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)),
+        "verify": lambda: verify_channels(gm, example, expected=expected),
+    }
+
+
 class Timed(float):
     """Seconds a stage measured itself (its untimed setup left out)."""
 
@@ -195,6 +212,7 @@ def resize_row(name: str, repeats: int, tp: Any) -> dict[str, Any]:
         "deepcopy": lambda: copy.deepcopy(model),
         "index_select": index_select_floor(model, gm),
         "analyze": lambda: fxconet.analyze(model, x),
+        **fx_fixed_stages(gm),
     }
     if tp is not None:
         stages.update(tp_stages(tp, model, x))
@@ -213,6 +231,10 @@ def resize_row(name: str, repeats: int, tp: Any) -> dict[str, Any]:
         "seconds_warm": warm,
         "vs_deepcopy": med["resize"] / med["deepcopy"],
         "vs_index_select": med["resize"] / med["index_select"],
+        # the least a verified fx rewrite can take: the weights copied once, the GraphModule
+        # built, its shapes checked
+        "fx_floor": med["index_select"] + med["graph_module"] + med["verify"],
+        "vs_fx_floor": med["resize"] / (med["index_select"] + med["graph_module"] + med["verify"]),
         "vs_deepcopy_warm": warm["resize"] / warm["deepcopy"],
         "vs_index_select_warm": warm["resize"] / warm["index_select"],
         "tp_build_over_analyze": med["tp_build"] / med["analyze"] if tp is not None else None,
@@ -333,6 +355,28 @@ def table(result: dict[str, Any]) -> str:
             f"| {_x(r.get('vs_deepcopy_warm'))} | {_x(r.get('vs_index_select_warm'))} "
             f"| {_ms(s, 'tp_step')} | {_x(r.get('tp_step_over_resize'))} "
             f"| {_ms(s, 'analyze')} | {_ms(s, 'tp_build')} | {_x(r.get('tp_build_over_analyze'))} |"
+        )
+    lines += [
+        "",
+        "What a rewrite that returns a verified GraphModule pays beyond copying the weights "
+        "(the same loop, cold): a GraphModule built from a copy of the resized graph "
+        "(torch.fx's code generation and compile), and the check of its shapes on meta "
+        "tensors. *fx floor* = index_select floor + both; *3x budget left* = three times the "
+        "index_select floor minus both (the time left for everything else).",
+        "",
+        "| model | index_select floor ms | GraphModule build ms | meta verify ms "
+        "| fx floor ms | resize / fx floor | 3x budget left ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["resize"]:
+        s = r["seconds"]
+        if "graph_module" not in s:
+            continue
+        left = 3 * s["index_select"] - s["graph_module"] - s["verify"]
+        lines.append(
+            f"| {r['model']} | {_ms(s, 'index_select')} | {_ms(s, 'graph_module')} "
+            f"| {_ms(s, 'verify')} | {1e3 * r['fx_floor']:.1f} | {_x(r['vs_fx_floor'])} "
+            f"| {1e3 * left:.1f} |"
         )
     summary = result.get("summary", {})
     if summary.get("tp_build_over_analyze") is not None:

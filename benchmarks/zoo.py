@@ -386,21 +386,40 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def fx_ok(row: dict[str, Any]) -> bool:
-    """fxconet succeeded: analyze at 224 and the three checks passed."""
+def fx_status(row: dict[str, Any]) -> bool | None:
+    """fxconet on one model: True when analyze at 224, resize and the three checks passed,
+    False when one of them failed, None when analyze and resize passed but the checks did not
+    run (``--skip-checks``)."""
+    fx = row.get("fx", {})
+    if not fx.get("ok") or "resize_error" in fx:
+        return False
     checks = row.get("checks")
-    return (
-        bool(row.get("fx", {}).get("ok"))
-        and "resize_error" not in row.get("fx", {})
-        and checks is not None
-        and all(checks.get(k, {}).get("ok") for k in ("identity", "random", "zero_removal"))
+    if checks is None:
+        return None
+    return all(checks.get(k, {}).get("ok") for k in ("identity", "random", "zero_removal"))
+
+
+def tp_status(row: dict[str, Any]) -> bool | None:
+    """Torch-Pruning on one model: True when build_dependency ran and pruning 50% kept the
+    output shape, False when either failed, None when it did not run or its prune was skipped
+    (``--skip-prune-above-params``)."""
+    tp = row.get("tp")
+    if not tp:
+        return None
+    if not tp.get("build_ok"):
+        return False
+    return tp.get("prune", {}).get("ok")
+
+
+def _tp_checked(rows: list[dict[str, Any]]) -> int:
+    pruned = sum(r.get("tp", {}).get("prune", {}).get("ok") is not None for r in rows)
+    if not pruned:
+        return 0
+    return sum(
+        not r["tp"].get("build_ok") or r["tp"].get("prune", {}).get("ok") is not None
+        for r in rows
+        if r.get("tp")
     )
-
-
-def tp_ok(row: dict[str, Any]) -> bool:
-    """Torch-Pruning succeeded: build_dependency ran and pruning 50% kept the output shape."""
-    tp = row.get("tp", {})
-    return bool(tp.get("build_ok")) and tp.get("prune", {}).get("ok") is True
 
 
 def summarize(rows: list[dict[str, Any]], config: Config, wall_s: float) -> dict[str, Any]:
@@ -427,13 +446,23 @@ def summarize(rows: list[dict[str, Any]], config: Config, wall_s: float) -> dict
             [r["fx"]["analyze_ms"] for r in rows if r.get("fx", {}).get("ok")]
         ),
         "target_5x_met": (ratio >= 5.0) if ratio is not None else None,
-        "fx_successes": sum(fx_ok(r) for r in rows),
-        "tp_successes": sum(tp_ok(r) for r in rows) if tp_ran else None,
-        "tp_fails_fx_succeeds": [r["model"] for r in rows if fx_ok(r) and not tp_ok(r)]
+        "fx_successes": sum(fx_status(r) is True for r in rows),
+        "fx_checked": sum(fx_status(r) is not None for r in rows),
+        "tp_successes": sum(tp_status(r) is True for r in rows) if tp_ran else None,
+        # the models whose prune ran or whose build failed; none when no prune ran at all
+        "tp_checked": _tp_checked(rows) if tp_ran else None,
+        "tp_fails_fx_succeeds": [
+            r["model"] for r in rows if fx_status(r) is True and tp_status(r) is False
+        ]
         if tp_ran
         else None,
-        "fx_fails": [r["model"] for r in rows if not fx_ok(r)],
-        "fx_fails_tp_succeeds": [r["model"] for r in rows if tp_ok(r) and not fx_ok(r)]
+        "fx_fails": [r["model"] for r in rows if fx_status(r) is False],
+        "tp_build_fails": [r["model"] for r in rows if r.get("tp") and not r["tp"].get("build_ok")]
+        if tp_ran
+        else None,
+        "fx_fails_tp_succeeds": [
+            r["model"] for r in rows if tp_status(r) is True and fx_status(r) is False
+        ]
         if tp_ran
         else None,
         "tp_prune_skipped": [
@@ -453,6 +482,23 @@ def _mark(check: dict[str, Any] | None) -> str:
 
 def _fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _success_line(what: str, ok: int | None, checked: int | None, total: int, why: str) -> str:
+    """One summary line: successes among the models checked, and why the others were not."""
+    if ok is None or checked is None:
+        return f"- {what}: not run."
+    if checked == 0:
+        return f"- {what}: not checked in this run ({why})."
+    line = f"- {what} on **{ok}/{checked}** models"
+    return line + (f"; {total - checked} not checked ({why})." if checked < total else ".")
+
+
+def _tp_build_line(s: dict[str, Any]) -> list[str]:
+    fails = s.get("tp_build_fails")
+    if fails is None:
+        return []
+    return [f"- Torch-Pruning's build_dependency fails: {', '.join(fails) or 'none'}."]
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -478,12 +524,24 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"**{_fmt(s['median_ratio_tp_over_fx'], 2)}x** (median of per-model ratios "
         f"{_fmt(s['median_of_per_model_ratios'], 2)}x; lowest on {s['slowest_ratio_model']}). "
         f"The 5x target is {target}.",
-        f"- fxconet succeeds (analyze + identity + random + zero-removal) on "
-        f"**{s['fx_successes']}/{s['models']}** models; Torch-Pruning (build + prune 50% + "
-        f"forward) on **{_fmt(s['tp_successes'])}/{s['models']}**.",
+        _success_line(
+            "fxconet succeeds (analyze + identity + random + zero-removal)",
+            s["fx_successes"],
+            s.get("fx_checked", s["models"]),
+            s["models"],
+            "--skip-checks",
+        ),
+        _success_line(
+            "Torch-Pruning (build + prune 50% + forward)",
+            s["tp_successes"],
+            s.get("tp_checked", s["models"]),
+            s["models"],
+            "its prune was skipped: size limit, below",
+        ),
         f"- Torch-Pruning fails, fxconet succeeds: "
         f"{', '.join(s['tp_fails_fx_succeeds'] or []) or 'none'}.",
         f"- fxconet fails: {', '.join(s['fx_fails']) or 'none'}.",
+        *_tp_build_line(s),
         f"- fxconet fails where Torch-Pruning succeeds: "
         f"{', '.join(s['fx_fails_tp_succeeds'] or []) or 'none'}.",
     ]
@@ -615,8 +673,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--skip-checks",
         action="store_true",
-        help="skip fxconet's three numerical checks (timings only; fxconet then counts as "
-        "failed in the summary)",
+        help="skip fxconet's three numerical checks (timings only; the summary then counts "
+        "only analyze and resize failures)",
     )
     parser.add_argument(
         "--skip-torch-pruning",
@@ -624,6 +682,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="run fxconet only (Torch-Pruning is the optional 'bench' extra)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the checks (default: 0)")
+    parser.add_argument(
+        "--rerender",
+        metavar="JSON",
+        help="run nothing: recompute the summary and markdown (next to it) of a result JSON",
+    )
     parser.add_argument(
         "--out",
         default=str(HERE / "results" / "zoo.json"),
@@ -656,7 +719,26 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
 
 
+_STATUS = {True: "ok", False: "FAIL", None: "unchecked"}
+
+
+def rerender(path: str) -> dict[str, Any]:
+    """Recompute the summary and markdown of a result JSON written earlier (after a change of
+    the report; nothing is run again, the rows and the wall time are kept as recorded)."""
+    result = json.loads(Path(path).read_text())
+    config = Config(**{**result["config"], "models": tuple(result["config"]["models"])})
+    result["summary"] = summarize(result["rows"], config, result["summary"]["wall_s"])
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    Path(path).with_suffix(".md").write_text(render_markdown(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--rerender", metavar="JSON")
+    known, _ = pre.parse_known_args(argv)
+    if known.rerender:
+        return rerender(known.rerender)
     config = parse_args(argv)
     if not config.skip_torch_pruning:
         try:
@@ -682,8 +764,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fx, tp = row.get("fx", {}), row.get("tp", {})
             print(
                 f"[{i}/{len(config.models)}] {name}: fx {_fmt(fx.get('analyze_ms'), 1)} ms "
-                f"({'ok' if fx_ok(row) else 'FAIL'}), tp {_fmt(tp.get('build_ms'), 1)} ms "
-                f"({'ok' if tp_ok(row) else 'FAIL'}), {row['wall_s']:.0f} s",
+                f"({_STATUS[fx_status(row)]}), tp {_fmt(tp.get('build_ms'), 1)} ms "
+                f"({_STATUS[tp_status(row)]}), {row['wall_s']:.0f} s",
                 flush=True,
             )
     finally:

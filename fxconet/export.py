@@ -41,9 +41,10 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 
 from fxconet.errors import ExportError, first_line
-from fxconet.passes import fx_compat
+from fxconet.passes import fx_compat, parametrized
 from fxconet.passes.module_copy import evaluating, map_tensors
 from fxconet.passes.nodes import get_attr, normalize_inputs
 from fxconet.passes.resize_layers import ResizePlan
@@ -137,8 +138,8 @@ def _qualified(obj: Any) -> tuple[str, str]:
 
 def _constructor_kwargs(path: str, m: nn.Module) -> dict[str, Any]:
     """The constructor arguments that rebuild leaf module ``m``, read from its attributes."""
-    cls = type(m)
-    sig = inspect.signature(cls.__init__)
+    cls: type = parametrize.type_before_parametrizations(m)
+    sig = inspect.signature(cls.__init__)  # type: ignore[misc]
     kwargs: dict[str, Any] = {}
     for name, p in list(sig.parameters.items())[1:]:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name in ("device", "dtype"):
@@ -147,7 +148,7 @@ def _constructor_kwargs(path: str, m: nn.Module) -> dict[str, Any]:
             value: Any = (
                 m._parameters.get(name) if name in m._parameters else m._buffers[name]
             ) is not None
-        elif name in m.__dict__ or hasattr(type(m), name) and not callable(getattr(type(m), name)):
+        elif name in m.__dict__ or hasattr(cls, name) and not callable(getattr(cls, name)):
             value = getattr(m, name)
         elif p.default is not p.empty:
             continue
@@ -166,7 +167,7 @@ def _constructor_kwargs(path: str, m: nn.Module) -> dict[str, Any]:
 
 def _constructor(path: str, m: nn.Module, imports: dict[str, str]) -> str:
     """A constructor call rebuilding leaf module ``m`` from its attributes."""
-    cls = type(m)
+    cls = parametrize.type_before_parametrizations(m)
     module, qualname = _qualified(cls)
     alias = "_" + qualname.replace(".", "_")
     imports[alias] = f"from {module} import {qualname.split('.')[0]} as {alias}"
@@ -230,6 +231,81 @@ def _leaf_paths(gm: torch.fx.GraphModule) -> set[str]:
     return {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
 
 
+def parametrizations_of(path: str, m: nn.Module) -> dict[str, dict[str, Any]]:
+    """The ``weight_norm`` / ``spectral_norm`` parametrizations of leaf module ``m`` as data,
+    by parametrized tensor name (``{}`` for a plain module), to register again after building
+    the layer (:func:`apply_parametrizations`).
+
+    Raises:
+        ExportError: another parametrization (its computation is code, not data), or more than
+            one on a tensor.
+    """
+    if not parametrized.is_parametrized(m):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    cls = parametrize.type_before_parametrizations(m)
+    for name, plist in m.parametrizations.items():  # type: ignore[union-attr, operator]
+        kinds = [type(q).__name__ for q in plist]
+        p = plist[0]
+        attrs: dict[str, Any] = p.__dict__  # the settings (isinstance below narrows p)
+        if len(plist) == 1 and isinstance(p, parametrized.WEIGHT_NORM):
+            out[name] = {"kind": "weight_norm", "dim": int(attrs["dim"])}
+        elif len(plist) == 1 and isinstance(p, parametrized.SPECTRAL_NORM):
+            out[name] = {
+                "kind": "spectral_norm",
+                "n_power_iterations": int(attrs["n_power_iterations"]),
+                "eps": float(attrs["eps"]),
+                "dim": int(attrs["dim"]),
+            }
+        else:
+            raise ExportError(
+                f"module `{path}` ({cls.__name__}): the parametrizations {kinds} of `{name}` "
+                "cannot be written as code or data (one weight_norm or spectral_norm can); "
+                "save with save() or save_program()"
+            )
+    return out
+
+
+def apply_parametrizations(m: nn.Module, spec: dict[str, dict[str, Any]], where: str) -> None:
+    """Register on ``m`` the parametrizations :func:`parametrizations_of` described (their
+    tensors take the shapes of ``m``'s; load the state dict afterwards for their values)."""
+    for name, p in spec.items():
+        kind = p.get("kind") if isinstance(p, dict) else None
+        if kind == "weight_norm":
+            parametrizations.weight_norm(m, name, dim=int(p["dim"]))
+        elif kind == "spectral_norm":
+            parametrizations.spectral_norm(
+                m,
+                name,
+                n_power_iterations=int(p["n_power_iterations"]),
+                eps=float(p["eps"]),
+                dim=int(p["dim"]),
+            )
+        else:
+            raise ExportError(f"{where}: unknown parametrization {p!r} of `{name}`")
+
+
+def _parametrization_call(path: str, name: str, p: dict[str, Any]) -> str:
+    """The line of generated code that registers one parametrization of module ``path``."""
+    args = [f"_at(self, {path!r})", repr(name)] + [
+        f"{k}={v!r}" for k, v in p.items() if k != "kind"
+    ]
+    return f"        _P.{p['kind']}({', '.join(args)})"
+
+
+def _registered_by_parametrization(mod: nn.Module, kind: str, hook: Any) -> bool:
+    """Whether ``hook`` is the one ``parametrizations.weight_norm`` registers on the module it
+    parametrizes (it renames the keys of a legacy ``weight_g``/``weight_v`` state dict):
+    registering the parametrization again after loading registers it again."""
+    fn = getattr(hook, "hook", hook)  # nn.Module wraps the hooks it stores
+    return (
+        kind == "_load_state_dict_pre_hooks"
+        and getattr(fn, "__module__", None) == parametrizations.__name__
+        and getattr(fn, "__name__", None) == "_weight_norm_compat_hook"
+        and parametrized.is_parametrized(mod)
+    )
+
+
 _HOOKS = (
     "_forward_hooks",
     "_forward_pre_hooks",
@@ -246,7 +322,10 @@ def _refuse_hooks(gm: nn.Module, what: str) -> None:
         (path or type(gm).__name__, kind)
         for path, mod in gm.named_modules()
         for kind in _HOOKS
-        if getattr(mod, kind, None)
+        if any(
+            not _registered_by_parametrization(mod, kind, h)
+            for h in (getattr(mod, kind, None) or {}).values()
+        )
     ]
     if hooked:
         where = ", ".join(f"`{p}` ({k.strip('_')})" for p, k in hooked[:4])
@@ -264,9 +343,14 @@ def to_code(gm: torch.fx.GraphModule, class_name: str = "FxconetModel") -> str:
     ...)``) at the same module paths as ``gm``, so ``gm.state_dict()`` loads into it, and in
     the training mode of each of ``gm``'s modules.
 
+    A layer whose weight is parametrized by ``torch.nn.utils.parametrizations.weight_norm`` or
+    ``spectral_norm`` is built plain and the parametrization registered again, so the state dict
+    keys (``parametrizations.weight.original0`` ...) are the same.
+
     Raises:
-        ExportError: a layer or function cannot be written as importable code, or a module
-            has hooks (code cannot hold them; nothing is dropped silently).
+        ExportError: a layer or function cannot be written as importable code, a module has
+            hooks (code cannot hold them; nothing is dropped silently), or a parametrization
+            other than one ``weight_norm`` or ``spectral_norm`` per tensor.
 
     Example:
         >>> print(fxconet.export.to_code(gm))
@@ -297,6 +381,9 @@ def to_code(gm: torch.fx.GraphModule, class_name: str = "FxconetModel") -> str:
         if mod is not None and type(mod) is not nn.Module:
             ctor = _constructor(path, mod, imports)
             body.append(f"        _at(self, {parent!r}).add_module({name!r}, {ctor})")
+            for tensor, p in parametrizations_of(path, mod).items():
+                imports["_P"] = "from torch.nn.utils import parametrizations as _P"
+                body.append(_parametrization_call(path, tensor, p))
         else:
             ensure(path)
         made.add(path)
@@ -660,8 +747,9 @@ def save_safe(gm: nn.Module, folder: str | os.PathLike[str], *, example_inputs: 
 
     Raises:
         ExportError: something in the model cannot be written as data (hooks, a layer whose
-            constructor arguments are not its attributes, an argument that is an object), or
-            the files do not rebuild the model.
+            constructor arguments are not its attributes, an argument that is an object, a
+            parametrization other than ``weight_norm`` and ``spectral_norm``, which are written
+            as their arguments), or the files do not rebuild the model.
 
     Example:
         >>> fxconet.export.save_safe(gm, "resized/")
@@ -678,12 +766,16 @@ def save_safe(gm: nn.Module, folder: str | os.PathLike[str], *, example_inputs: 
         cls = type(mod)
         entry: dict[str, Any] = {"path": path, "training": mod.training}
         if cls is not nn.Module:
+            cls = parametrize.type_before_parametrizations(mod)
             name = ":".join(_qualified(cls))
             if not _trusted_module_class(cls):
                 needs[name] = cls
             kwargs = _constructor_kwargs(path, mod)
             where = f"module `{path}` ({cls.__name__})"
             entry.update(type=name, kwargs=_encode(kwargs, where))
+            spec = parametrizations_of(path, mod)
+            if spec:
+                entry["parametrizations"] = spec
         modules.append(entry)
     containers = [
         {"path": path, "training": mod.training}
@@ -847,6 +939,10 @@ def _rebuild_safe(
                 raise ExportError(
                     f"{arch_path}: {where}: {cls.__name__}(**{kwargs}) fails: {e}"
                 ) from e
+            spec = entry.get("parametrizations") or {}
+            if not isinstance(spec, dict):
+                raise ExportError(f"{arch_path}: {where}: malformed parametrizations")
+            apply_parametrizations(module, spec, f"{arch_path}: {where}")
         parent, name = parent_of(path)
         parent.add_module(name, module)
     for entry in arch["containers"]:

@@ -304,3 +304,58 @@ def test_safe_load_errors_name_the_file(tmp_path):
     (tmp_path / "architecture.json").write_text("{")
     with pytest.raises(export.ExportError, match="architecture.json is not readable JSON"):
         export.load_safe(tmp_path)
+
+
+class _Doubled(torch.nn.Module):
+    """A parametrization of the user's own: its computation is code, so no file holds it."""
+
+    def forward(self, w):
+        return 2 * w
+
+
+def _normed_net() -> torch.nn.Module:
+    p = torch.nn.utils.parametrizations
+    return torch.nn.Sequential(
+        p.weight_norm(torch.nn.Conv2d(3, 8, 3, padding=1)),
+        torch.nn.ReLU(),
+        p.spectral_norm(torch.nn.Conv2d(8, 6, 3, padding=1)),
+        torch.nn.BatchNorm2d(6),
+        torch.nn.ReLU(),
+        p.weight_norm(torch.nn.Conv2d(6, 4, 1), dim=None),
+    )
+
+
+@pytest.mark.parametrize("save", ["save_code", "save_safe"])
+def test_weight_norm_and_spectral_norm_layers_save_as_code_and_data(tmp_path, save):
+    """A resized net with weight_norm'd and spectral-normed convs rebuilds from each file
+    format with its parametrizations (the same tensors, outputs exactly equal); a
+    parametrization of the user's own is refused with the module's path."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="`5`"):  # weight_norm over the whole tensor: frozen
+        graph = fxconet.analyze(_normed_net().eval(), x)
+    gm = fxconet.resize(graph, {g.id: g.size - 2 for g in graph.free}).eval()
+    assert gm.get_submodule("0").out_channels == 8 - 2
+    folder = getattr(export, save)(gm, tmp_path / save)
+    loaded = (export.load_code if save == "save_code" else export.load_safe)(folder).eval()
+    p = torch.nn.utils.parametrize
+    assert p.is_parametrized(loaded.get_submodule("0"), "weight")
+    assert type(loaded.get_submodule("2").parametrizations.weight[0]).__name__ == "_SpectralNorm"
+    assert p.type_before_parametrizations(loaded.get_submodule("5")) is torch.nn.Conv2d
+    assert loaded.state_dict().keys() == gm.state_dict().keys()
+    torch.testing.assert_close(outputs(loaded, x), outputs(gm, x), rtol=0, atol=0)
+    # the legacy-key hook weight_norm registers comes back with it
+    legacy = {"0.weight_g", "0.weight_v"}
+    state = {k: v for k, v in gm.state_dict().items() if not k.startswith("0.parametrizations")}
+    state["0.weight_g"] = gm.get_submodule("0").parametrizations.weight.original0
+    state["0.weight_v"] = gm.get_submodule("0").parametrizations.weight.original1
+    assert legacy <= set(state)
+    loaded.load_state_dict(state)
+    torch.testing.assert_close(outputs(loaded, x), outputs(gm, x), rtol=0, atol=0)
+
+    custom = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    p.register_parametrization(custom[0], "weight", _Doubled())
+    with pytest.warns(UserWarning, match="parametrized"):
+        gm2 = fxconet.resize(fxconet.analyze(custom.eval(), x), {})
+    with pytest.raises(export.ExportError, match=r"module `0` \(Conv2d\).*\['_Doubled'\]"):
+        getattr(export, save)(gm2, tmp_path / "custom")
