@@ -412,14 +412,11 @@ def tp_status(row: dict[str, Any]) -> bool | None:
 
 
 def _tp_checked(rows: list[dict[str, Any]]) -> int:
-    pruned = sum(r.get("tp", {}).get("prune", {}).get("ok") is not None for r in rows)
-    if not pruned:
+    """The models whose Torch-Pruning result is known (a failed build or a prune that ran);
+    0 when no prune ran at all (the summary then says so instead of counting)."""
+    if not any(r.get("tp", {}).get("prune", {}).get("ok") is not None for r in rows):
         return 0
-    return sum(
-        not r["tp"].get("build_ok") or r["tp"].get("prune", {}).get("ok") is not None
-        for r in rows
-        if r.get("tp")
-    )
+    return sum(tp_status(r) is not None for r in rows)
 
 
 def summarize(rows: list[dict[str, Any]], config: Config, wall_s: float) -> dict[str, Any]:

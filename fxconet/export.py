@@ -287,8 +287,9 @@ def apply_parametrizations(m: nn.Module, spec: dict[str, dict[str, Any]], where:
 
 def _parametrization_call(path: str, name: str, p: dict[str, Any]) -> str:
     """The line of generated code that registers one parametrization of module ``path``."""
+    where = f"module `{path}` parametrization of {name!r}"
     args = [f"_at(self, {path!r})", repr(name)] + [
-        f"{k}={v!r}" for k, v in p.items() if k != "kind"
+        f"{k}={_literal(v, where)}" for k, v in p.items() if k != "kind"
     ]
     return f"        _P.{p['kind']}({', '.join(args)})"
 
@@ -763,10 +764,9 @@ def save_safe(gm: nn.Module, folder: str | os.PathLike[str], *, example_inputs: 
     modules = []
     for path in sorted(leaves, key=lambda p: (p.count("."), p)):
         mod = gm.get_submodule(path)
-        cls = type(mod)
+        cls = parametrize.type_before_parametrizations(mod)
         entry: dict[str, Any] = {"path": path, "training": mod.training}
         if cls is not nn.Module:
-            cls = parametrize.type_before_parametrizations(mod)
             name = ":".join(_qualified(cls))
             if not _trusted_module_class(cls):
                 needs[name] = cls

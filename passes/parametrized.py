@@ -36,11 +36,11 @@ __all__ = [
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 _WEIGHT_NORM = getattr(parametrizations, "_WeightNorm", None)
 _SPECTRAL_NORM = getattr(parametrizations, "_SpectralNorm", None)
-_SUPPORTED: tuple[type, ...] = tuple(t for t in (_WEIGHT_NORM, _SPECTRAL_NORM) if t is not None)
 #: the parametrization classes of ``weight_norm`` and ``spectral_norm`` (for ``isinstance``;
 #: an empty tuple matches nothing where a torch version lacks one)
 WEIGHT_NORM: tuple[type, ...] = (_WEIGHT_NORM,) if _WEIGHT_NORM is not None else ()
 SPECTRAL_NORM: tuple[type, ...] = (_SPECTRAL_NORM,) if _SPECTRAL_NORM is not None else ()
+_SUPPORTED = WEIGHT_NORM + SPECTRAL_NORM
 
 
 def is_parametrized(mod: nn.Module, name: str | None = None) -> bool:
